@@ -1,0 +1,65 @@
+"""Wiring: block signals, recover the target, sync, start the child, supervise, exit."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .child import Supervisor, block_signals
+from .cli import Options
+from .config import EtcdConfig, child_environ
+from .loop import Dispenser
+from .snapshot import SnapshotWriter
+from .source import EtcdSource
+
+log = logging.getLogger("etcd_config_dispenser")
+
+
+def run(options: Options, etcd: EtcdConfig) -> int:
+    """Run until the child exits (its exit code) or, without a child, until SIGTERM (0)."""
+    # Configure signals: before any thread exists, so that every thread inherits the mask.
+    block_signals()
+    if etcd.insecure_skip_verify:
+        log.warning("ETCD_INSECURE_SKIP_VERIFY is set: the etcd server is NOT verified")
+    writer = SnapshotWriter(options.target, options.mode, options.uid, options.gid)
+    try:
+        live = writer.recover()
+    except OSError as err:
+        log.error("cannot use target: %s", err)
+        return 1
+    if live:
+        log.info("serving %s until the first sync replaces it", live)
+    supervisor = Supervisor(options.command, child_environ(os.environ), options.kill_timeout)
+    source = EtcdSource(etcd, options.prefix)
+    dispenser = Dispenser(
+        source,
+        writer,
+        notify=lambda: supervisor.send(options.signal),
+        backoff_max=options.backoff_max,
+        once=options.once,
+    )
+    log.info(
+        "syncing prefix %r from %s into %s",
+        options.prefix.decode(),
+        ",".join(map(str, etcd.endpoints)),
+        options.target,
+    )
+    dispenser.start()
+    try:
+        # Start the child only once its files exist.
+        stopped_by = supervisor.wait_for(dispenser.first_sync, dispenser.done)
+        if stopped_by is not None:
+            log.info("stopped by signal %d before the first sync", stopped_by)
+            return 0
+        if not dispenser.first_sync.is_set():
+            return 1  # --once could not read etcd, or the loop failed: logged there
+        if options.once:
+            return 0
+        code = supervisor.spawn()
+        if code is not None:
+            return code
+        # Forward signals and reap until the child exits.
+        return supervisor.supervise(dispenser.done)
+    finally:
+        dispenser.stop()
+        dispenser.done.wait(5.0)

@@ -1,0 +1,171 @@
+"""Child supervisor, in tini's shape: spawn, forward signals, reap, exit with the child's code.
+
+Signals are blocked in every thread (``block_signals`` runs first in main,
+before etcd's gRPC threads exist, so they inherit the mask) and collected
+synchronously with ``sigtimedwait``: no async handlers, no races with the
+threads that write snapshots.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+FORWARDED = frozenset(
+    {
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGHUP,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGWINCH,
+    }
+)
+TERMINATING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
+HANDLED = FORWARDED | {signal.SIGCHLD}  # SIGCHLD is collected, never forwarded
+WAIT_STEP = 1.0  # seconds between checks when no signal arrives
+
+
+def block_signals() -> None:
+    """Block the handled signals in this thread and every thread it starts later."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
+def exit_code(status: int) -> int:
+    """Exit code as a shell reports it: the code, or 128+N if signal N killed it."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+class Supervisor:
+    """Runs one child (or none, as a sidecar) and waits for it like PID 1 would."""
+
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str], kill_timeout: float = 10.0
+    ) -> None:
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.kill_timeout = kill_timeout
+        self.pid: int | None = None
+        self._lock = threading.Lock()  # guards pid against a concurrent reap
+
+    def spawn(self) -> int | None:
+        """Start the child; return None, or the exit code if it cannot start (127/126)."""
+        if not self.argv:
+            return None
+        try:
+            pid = os.posix_spawnp(
+                self.argv[0],
+                self.argv,
+                self.env,
+                setsigmask=(),  # the child must not inherit our blocked signals
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores these
+            )
+        except FileNotFoundError:
+            log.error("cannot start %s: command not found", self.argv[0])
+            return 127
+        except PermissionError:
+            log.error("cannot start %s: permission denied", self.argv[0])
+            return 126
+        with self._lock:
+            self.pid = pid
+        log.info("started child pid %d: %s", pid, " ".join(self.argv))
+        return None
+
+    def send(self, signum: int) -> None:
+        """Send a signal to the child, if it is running. Safe from any thread."""
+        with self._lock:
+            if self.pid is None:
+                return
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                log.warning("child pid %d is gone; %s not sent", self.pid, _name(signum))
+
+    def wait_for(self, *events: threading.Event, poll: float = 0.05) -> int | None:
+        """Before the child starts: wait until one of ``events`` is set.
+
+        Returns None then, or the signal number of a terminating signal that
+        arrived first (there is nothing to forward it to yet).
+        """
+        while not any(event.is_set() for event in events):
+            info = signal.sigtimedwait(HANDLED, poll)
+            if info is None:
+                continue
+            if info.si_signo in TERMINATING:
+                return info.si_signo
+            if info.si_signo == signal.SIGCHLD:
+                self.reap()
+        return None
+
+    def supervise(self, done: threading.Event) -> int:
+        """Forward signals and reap until the child exits; return its exit code.
+
+        With no child: wait for a terminating signal (exit 0). If ``done`` is
+        set (the sync loop died), the child is stopped and the exit code is 1:
+        serving files that silently stopped updating would be worse.
+        """
+        deadline: float | None = None
+        abandoned = False
+        while True:
+            # Wait for one signal, and forward it.
+            info = signal.sigtimedwait(HANDLED, WAIT_STEP)
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                signum = info.si_signo
+                if self.pid is None:
+                    if signum in TERMINATING:
+                        log.info("%s received, no child: exiting", _name(signum))
+                        return 0
+                else:
+                    log.info("forwarding %s to child pid %d", _name(signum), self.pid)
+                    self.send(signum)
+                    if signum in TERMINATING and deadline is None:
+                        deadline = time.monotonic() + self.kill_timeout
+            # Now, reap zombies.
+            code = self.reap()
+            if code is not None:
+                return 1 if abandoned else code
+            if done.is_set() and not abandoned:
+                if self.pid is None:
+                    return 1
+                log.error("sync loop stopped: stopping child pid %d", self.pid)
+                abandoned = True
+                self.send(signal.SIGTERM)
+                deadline = time.monotonic() + self.kill_timeout
+            # A child that ignores SIGTERM is killed when its time is up.
+            if deadline is not None and time.monotonic() >= deadline:
+                log.warning("child did not exit %.0fs after the signal: SIGKILL", self.kill_timeout)
+                self.send(signal.SIGKILL)
+                deadline = None
+
+    def reap(self) -> int | None:
+        """Reap every exited process, orphans too (as PID 1); the child's code if it exited."""
+        code = None
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return code
+            if pid == 0:
+                return code
+            with self._lock:
+                if pid == self.pid:
+                    self.pid = None
+                    code = exit_code(status)
+                    log.info("child pid %d exited with code %d", pid, code)
+                else:
+                    log.debug("reaped orphan pid %d", pid)
+
+
+def _name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)

@@ -1,0 +1,193 @@
+"""etcd-config-dispenser: etcd keys as files, kept current, one snapshot a change.
+
+Usage:
+  etcd-config-dispenser --prefix=PREFIX --target=DIR [options] [--] [CMD...]
+  etcd-config-dispenser (-h | --help | --version)
+
+Each etcd transaction becomes one snapshot directory under DIR, made live at
+once by renaming the DIR/..data symlink; DIR/NAME links to DIR/..data/NAME.
+CMD starts after the first snapshot is live, gets SIG after every change,
+and has its signals forwarded; the exit code is CMD's. Without CMD, the
+files are written and kept current until SIGTERM.
+
+Options:
+  -p, --prefix=PREFIX    etcd key prefix to read; "/" is added at the end.
+  -t, --target=DIR       Directory to write into, created if missing.
+  -s, --signal=SIG       Signal for CMD after a change: a name (HUP, SIGHUP,
+                         sighup) or a number [default: SIGHUP].
+  -m, --mode=MODE        File mode, octal; directories get x where r is set
+                         [default: 0600].
+  -o, --owner=USER       Owner of the files, a name or a uid (root only).
+  -g, --group=GROUP      Group of the files, a name or a gid (root only).
+  --once                 Write the snapshot, then exit 0 (non-zero if etcd
+                         cannot be read); takes no CMD.
+  --kill-timeout=SECS    After forwarding SIGTERM, SIGINT or SIGQUIT, wait
+                         this long for CMD to exit, then SIGKILL it
+                         [default: 10].
+  --backoff-max=SECS     Longest wait between retries while etcd is
+                         unavailable [default: 30].
+  --log-level=LEVEL      debug, info, warning or error [default: info].
+  -h, --help             Show this help.
+  --version              Show the version.
+
+Environment (each NAME also as NAME_FILE, read from that file; none of
+them reaches CMD):
+  ETCD_ENDPOINTS         Comma-separated endpoints, "http://h:2379",
+                         "https://h:2379" or "h:2379"; default
+                         http://127.0.0.1:2379.
+  ETCD_USERNAME          User name; no authentication if unset.
+  ETCD_PASSWORD          Password.
+  ETCD_USERNAME_AND_PASSWORD
+                         "user:password" in one variable.
+  ETCD_SERVER_CA         CA bundle to verify the server: PEM, or a file.
+  ETCD_CLIENT_CERT       Client certificate for mutual TLS: PEM, or a file.
+  ETCD_CLIENT_KEY        Client key for mutual TLS: PEM, or a file.
+  ETCD_INSECURE_SKIP_VERIFY
+                         true: do not verify the server's certificate.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from docopt import DocoptExit, docopt
+
+from . import __version__, config
+from .keys import normalise_prefix
+
+log = logging.getLogger("etcd_config_dispenser")
+USAGE = __doc__ or ""
+PROG = "etcd-config-dispenser"
+
+
+class UsageError(ValueError):
+    """A bad flag. The message names the flag and the value."""
+
+
+@dataclass(frozen=True)
+class Options:
+    prefix: bytes
+    target: Path
+    signal: signal.Signals
+    mode: int
+    uid: int
+    gid: int
+    once: bool
+    kill_timeout: float
+    backoff_max: float
+    log_level: str
+    command: list[str]
+
+
+def parse_signal(text: str) -> signal.Signals:
+    """'HUP', 'SIGHUP', 'sighup' or '1'."""
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text))
+        except ValueError:
+            raise UsageError(f"--signal: unknown signal number {text}") from None
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise UsageError(f"--signal: unknown signal {text!r}") from None
+
+
+def parse_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise UsageError(f"--mode: {text!r} is not an octal mode like 0600") from None
+    if not 0 <= mode <= 0o777:
+        raise UsageError(f"--mode: {text!r} is outside 0000..0777")
+    return mode
+
+
+def parse_id(text: str | None, flag: str, lookup_name: str) -> int:
+    """A user or group, by name or number; -1 when not given."""
+    if text is None:
+        return -1
+    if text.isdigit():
+        return int(text)
+    try:
+        if lookup_name == "user":
+            return pwd.getpwnam(text).pw_uid
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise UsageError(f"{flag}: unknown {lookup_name} {text!r}") from None
+
+
+def parse_seconds(text: str, flag: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 86400:
+        raise UsageError(f"{flag}: {text!r} is not a number of seconds")
+    return seconds
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    """The docopt usage above is the one source of the flags; raise UsageError."""
+    try:
+        args = docopt(USAGE, argv=argv, version=f"{PROG} {__version__}")
+    except DocoptExit as err:
+        raise UsageError(str(err).splitlines()[0] or "bad arguments") from None
+    uid = parse_id(args["--owner"], "--owner", "user")
+    gid = parse_id(args["--group"], "--group", "group")
+    if os.geteuid() != 0 and (uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid())):
+        raise UsageError("--owner/--group: changing the owner needs root")
+    level = args["--log-level"].upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UsageError(f"--log-level: unknown level {args['--log-level']!r}")
+    if not args["--prefix"].strip("/") and args["--prefix"] != "/":
+        raise UsageError("--prefix: must not be empty")
+    if not args["--target"]:
+        raise UsageError("--target: must not be empty")
+    if args["--once"] and args["CMD"]:
+        raise UsageError("--once: takes no command")
+    return Options(
+        prefix=normalise_prefix(args["--prefix"]),
+        target=Path(args["--target"]).absolute(),
+        signal=parse_signal(args["--signal"]),
+        mode=parse_mode(args["--mode"]),
+        uid=uid,
+        gid=gid,
+        once=args["--once"],
+        kill_timeout=parse_seconds(args["--kill-timeout"], "--kill-timeout"),
+        backoff_max=parse_seconds(args["--backoff-max"], "--backoff-max"),
+        log_level=level,
+        command=args["CMD"],
+    )
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Parse -> configure -> run -> exit with the child's code."""
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        usage = USAGE.split("\n\n")[1]
+        print(f"{PROG}: {err}\n{usage}\nSee '{PROG} --help'.", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(
+        level=options.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        etcd = config.load(os.environ)
+    except config.ConfigError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    from .app import run  # imports etcd3 and grpc: only once the flags are good
+
+    sys.exit(run(options, etcd))

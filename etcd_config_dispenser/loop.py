@@ -1,0 +1,206 @@
+"""The loop that joins them: etcd source -> key rules -> snapshot writer -> signal.
+
+Runs in its own thread. The main thread only supervises the child; this one
+only moves data one way, and calls ``notify`` after each flip that changed
+files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import tenacity
+
+from .keys import MAX_PATH, InvalidKey, KeyTree, key_to_relpath
+from .snapshot import SNAPSHOT_NAME_MAX, SnapshotError, SnapshotWriter
+from .source import Batch, Compacted, EtcdSource, EtcdUnavailable
+
+log = logging.getLogger(__name__)
+
+HEALTHY_AFTER = 10.0  # a watch that lasted this long resets the backoff
+ONCE_ATTEMPTS = 4  # --once gives up after this many failed reads (about 3 s)
+
+
+class Dispenser:
+    """Keeps the target directory equal to the etcd prefix, one snapshot per change."""
+
+    def __init__(
+        self,
+        source: EtcdSource,
+        writer: SnapshotWriter,
+        notify: Callable[[], None],
+        backoff_max: float = 30.0,
+        once: bool = False,
+    ) -> None:
+        self.source = source
+        self.writer = writer
+        self.notify = notify
+        self.backoff_max = backoff_max
+        self.once = once
+        self.tree = KeyTree()
+        self.revision = 0
+        self.first_sync = threading.Event()
+        self.stopping = threading.Event()
+        self.done = threading.Event()
+        self.failed: BaseException | None = None
+        self._pending: set[str] = set()
+        target_len = len(os.fsencode(writer.target))
+        self.max_path = MAX_PATH - target_len - SNAPSHOT_NAME_MAX - 2
+
+    # -- the thread ---------------------------------------------------------
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="dispenser", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.source.interrupt()
+
+    def run(self) -> None:
+        """Sync until stopped; each failure is logged and retried with backoff and jitter."""
+        try:
+            while not self.stopping.is_set():
+                stop: tenacity.stop.stop_base = tenacity.stop_when_event_set(self.stopping)
+                if self.once:
+                    stop = stop | tenacity.stop_after_attempt(ONCE_ATTEMPTS)
+                retrying = tenacity.Retrying(
+                    retry=tenacity.retry_if_exception_type((EtcdUnavailable, SnapshotError)),
+                    wait=tenacity.wait_exponential(multiplier=0.2, max=self.backoff_max)
+                    + tenacity.wait_random(0, 0.2),
+                    stop=stop,
+                    sleep=self._sleep,
+                    before_sleep=self._log_retry,
+                    reraise=True,
+                )
+                try:
+                    retrying(self._session)
+                except (EtcdUnavailable, SnapshotError) as err:
+                    if not self.stopping.is_set():  # only --once gives up
+                        self.failed = err
+                        log.error("giving up: %s", err)
+                    return
+                if self.once and self.first_sync.is_set():
+                    return
+        except Exception as err:
+            self.failed = err
+            log.exception("sync loop failed")
+        finally:
+            self.source.close()
+            self.done.set()
+
+    def _sleep(self, seconds: float) -> None:
+        """Back off, but wake up at once when asked to stop."""
+        self.stopping.wait(seconds)
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        serving = f"serving r{self.revision}" if self.first_sync.is_set() else "nothing served yet"
+        log.warning(
+            "etcd sync failed (attempt %d): %s; %s; retrying in %.1fs",
+            state.attempt_number,
+            err,
+            serving,
+            delay,
+        )
+
+    def _session(self) -> None:
+        """Connect, read everything, then follow the watch until it fails.
+
+        Returns normally (resetting the backoff) after a watch that stayed up
+        a while or a compaction; raises when etcd failed straight away.
+        """
+        if self.stopping.is_set():
+            return
+        self.source.connect()
+        revision, kvs = self.source.read_all()
+        self._resync(revision, kvs)
+        if self.once:
+            return
+        started = time.monotonic()
+        try:
+            for batch in self.source.watch(revision + 1):
+                self._apply(batch)
+        except Compacted as err:
+            log.warning("watch from r%d: %s; reading everything again", self.revision + 1, err)
+        except EtcdUnavailable as err:
+            if self.stopping.is_set() or time.monotonic() - started < HEALTHY_AFTER:
+                raise
+            log.warning("etcd watch failed: %s; reconnecting", err)
+
+    # -- one step -----------------------------------------------------------
+
+    def _relpath(self, key: bytes, revision: int) -> str | None:
+        try:
+            return key_to_relpath(key, self.source.prefix, self.max_path)
+        except InvalidKey as err:
+            log.warning("r%d: skipping key %r: it %s", revision, key, err)
+            return None
+
+    def _resync(self, revision: int, kvs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Replace the whole state with a full read; publish only what differs."""
+        tree = KeyTree()
+        for key, value in kvs:
+            path = self._relpath(key, revision)
+            if path is not None:
+                tree.put(path, value)
+        for path, shadow in tree.hidden():
+            log.warning("r%d: skipping key %r: %r is a file", revision, path, shadow)
+        old = self.tree.files
+        changed = {p for p in old.keys() | tree.files.keys() if old.get(p) != tree.files.get(p)}
+        self.tree = tree
+        self._publish(revision, changed, "read")
+
+    def _apply(self, batch: Batch) -> None:
+        changed: set[str] = set()
+        for change in batch.changes:
+            path = self._relpath(change.key, batch.revision)
+            if path is None:
+                continue
+            if change.value is None:
+                changed |= self.tree.delete(path)
+            else:
+                changed |= self.tree.put(path, change.value)
+                shadow = self.tree.shadowing_key(path)
+                if shadow is not None:
+                    log.warning("r%d: skipping key %r: %r is a file", batch.revision, path, shadow)
+        self._publish(batch.revision, changed, "watch")
+
+    def _publish(self, revision: int, changed: set[str], how: str) -> None:
+        first = not self.first_sync.is_set()
+        # Paths of a failed publish stay pending: the tree is already past them.
+        changed |= self._pending
+        try:
+            published = self.writer.publish(self.tree.files, changed, revision)
+        except SnapshotError:
+            self._pending = changed
+            raise
+        self._pending = set()
+        self.revision = revision
+        if not published:
+            log.debug("r%d: %s: no file changed", revision, how)
+            return
+        if first:
+            log.info("r%d: %s: first snapshot live, %d files", revision, how, len(self.tree.files))
+            self.first_sync.set()
+        else:
+            self.notify()
+            written = sorted(p for p in changed if p in self.tree.files)
+            removed = sorted(p for p in changed if p not in self.tree.files)
+            log.info(
+                "r%d: %s: wrote %s; removed %s", revision, how, _names(written), _names(removed)
+            )
+        self.writer.collect_garbage()
+
+
+def _names(paths: list[str], most: int = 10) -> str:
+    if not paths:
+        return "nothing"
+    shown = ", ".join(paths[:most])
+    return shown if len(paths) <= most else f"{shown} (+{len(paths) - most} more)"

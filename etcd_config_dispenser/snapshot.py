@@ -1,0 +1,406 @@
+"""Snapshot writer: one consistent directory per etcd revision, made live by one rename.
+
+On disk (the Kubernetes AtomicWriter layout)::
+
+    target/
+      ..2026_11_25_10_00_00.000000123.r42/   every file at revision 42
+        cert.pem
+        sub/c.txt
+      ..data -> ..2026_11_25_10_00_00.000000123.r42   the only thing readers follow
+      cert.pem -> ..data/cert.pem                    one link per top-level name
+      sub -> ..data/sub
+
+A reader that opens ``target/cert.pem`` gets a whole file of one revision; a
+reader that resolves ``..data`` once and reads several files from there gets
+one whole revision.
+
+Cost: a change must cost about the same at 10,000 keys as at 100, so a
+snapshot directory is not rebuilt per change. A directory that stopped being
+live at least ``grace`` seconds ago is renamed and brought up to date with
+only the paths that changed since it was live (a journal of changed paths).
+Only when no such spare exists is a new directory made, by hard-linking the
+live files (safe: a file is never modified in place, only unlinked and
+created anew) and then applying the change.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import shutil
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .keys import top_level
+
+log = logging.getLogger(__name__)
+
+DATA_LINK = "..data"
+TMP_LINK = "..data_tmp"
+TMP_TOP_LINK = "..link_tmp"
+SNAPSHOT_PREFIX = ".."
+FSYNC_EACH_MAX = 32  # up to this many files: fsync each; beyond: one syncfs
+MAX_SPARES = 2
+SNAPSHOT_NAME_MAX = 64  # "..YYYY_MM_DD_HH_MM_SS.NNNNNNNNN.r<revision>", with room
+
+
+class SnapshotError(OSError):
+    """A snapshot could not be made live. The previous one is still served."""
+
+
+def dir_mode(file_mode: int) -> int:
+    """Directories get x wherever r is set: 0600 -> 0700, 0644 -> 0755."""
+    mode = file_mode & 0o777
+    return mode | ((mode & 0o444) >> 2)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the filesystem holding ``path``: one call instead of thousands of fsyncs."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Snapshot:
+    """A snapshot directory whose contents we know: the files as of publish ``seq``."""
+
+    name: str
+    seq: int
+    retired_at: float = 0.0  # monotonic time it stopped being live
+
+
+class SnapshotWriter:
+    """Publishes snapshots into one target directory that it owns."""
+
+    def __init__(
+        self,
+        target: Path,
+        mode: int = 0o600,
+        uid: int = -1,
+        gid: int = -1,
+        grace: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.mode = mode
+        self.dir_mode = dir_mode(mode)
+        self.uid = uid
+        self.gid = gid
+        self.grace = grace
+        self.clock = clock
+        self._live: _Snapshot | None = None
+        self._live_paths: set[str] = set()
+        self._spares: list[_Snapshot] = []
+        self._unknown: list[str] = []  # snapshot dirs from before this process; removed by gc
+        self._journal: list[Collection[str]] = []  # journal[i]: paths changed by publish i
+        self._journal_base = 0  # publish number of journal[0]
+        self._top_counts: Counter[str] = Counter()
+        self._links: set[str] = set()
+
+    @property
+    def _seq(self) -> int:
+        return self._journal_base + len(self._journal)
+
+    # -- start-up ---------------------------------------------------------
+
+    def recover(self) -> str | None:
+        """Clean up after a crash and adopt the target; return the live snapshot's name.
+
+        A leftover ``..data_tmp`` and every snapshot directory that ``..data``
+        does not point to (half-built or stale) are removed. The live one keeps
+        being served until the first publish replaces it. Entries that this
+        tool did not write are never touched: their presence is an error.
+        """
+        os.makedirs(self.target.parent, exist_ok=True)
+        self._make_dir(self.target, exist_ok=True)
+        live_name: str | None = None
+        data = self.target / DATA_LINK
+        if data.is_symlink():
+            live_name = os.readlink(data)
+        foreign = []
+        for entry in os.scandir(self.target):
+            if entry.name == DATA_LINK:
+                continue
+            if entry.name.startswith(SNAPSHOT_PREFIX):
+                if entry.name == live_name:
+                    self._unknown.append(entry.name)
+                    continue
+                log.info("recover: removing leftover %s", entry.name)
+                _remove(Path(entry.path))
+            elif entry.is_symlink() and os.readlink(entry.path) == f"{DATA_LINK}/{entry.name}":
+                self._links.add(entry.name)
+            else:
+                foreign.append(entry.name)
+        if foreign:
+            raise SnapshotError(
+                f"target {self.target} holds entries not written by etcd-config-dispenser: "
+                f"{', '.join(sorted(foreign)[:5])}; move them away or choose an empty directory"
+            )
+        return live_name
+
+    # -- publish ----------------------------------------------------------
+
+    def publish(self, files: Mapping[str, bytes], changed: Collection[str], revision: int) -> bool:
+        """Make ``files`` the live snapshot; return whether anything changed.
+
+        ``changed`` lists the paths whose content or presence differs from the
+        previous publish (ignored for the first one, which writes everything).
+
+        1. Nothing changed: return False, touch nothing.
+        2. Choose a directory: a spare retired >= grace ago (renamed), else a new
+           one hard-linked from the live one, else a new empty one.
+        3. Bring it to ``files``: remove, then write, only the paths that differ.
+        4. Make it durable: fsync each file and directory, or one syncfs.
+        5. Flip: symlink ``..data_tmp`` -> new dir, rename it onto ``..data``.
+           This is the atomic moment. fsync the target directory.
+        6. Add and remove the top-level links.
+        The old live directory becomes a spare; ``collect_garbage`` (after the
+        signal) deletes what is not kept.
+        """
+        first = self._live is None
+        if not first and not changed:  # (1)
+            return False
+        name = self._new_name(revision)
+        path = self.target / name
+        base, delta = self._choose_base(changed)  # (2)
+        empty = base is None and first
+        use_syncfs = base is None or len(delta) > FSYNC_EACH_MAX
+        try:
+            if base is not None:
+                os.rename(self.target / base.name, path)
+            else:
+                self._make_dir(path)
+                if first:
+                    delta = files.keys()
+                else:
+                    self._link_tree(path)
+            dirs = self._apply(path, files, delta, empty, fsync_each=not use_syncfs)  # (3)
+            if use_syncfs:  # (4)
+                _syncfs(path)
+            else:
+                for directory in dirs:
+                    _fsync_dir(directory)
+            tmp_link = self.target / TMP_LINK  # (5)
+            _remove(tmp_link)
+            os.symlink(name, tmp_link)
+            os.replace(tmp_link, self.target / DATA_LINK)
+        except OSError as err:
+            _remove(self.target / TMP_LINK)
+            _remove(path)
+            raise SnapshotError(err.errno, f"snapshot r{revision} not published: {err}") from err
+        _fsync_dir(self.target)
+        if self._live is not None:
+            self._live.retired_at = self.clock()
+            self._spares.append(self._live)
+        self._journal.append(() if first else set(changed))  # no dir predates the first
+        self._live = _Snapshot(name, self._seq)
+        self._update_links(files, None if first else changed)  # (6)
+        return True
+
+    def _new_name(self, revision: int) -> str:
+        ns = time.time_ns()
+        stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime(ns // 1_000_000_000))
+        return f"{SNAPSHOT_PREFIX}{stamp}.{ns % 1_000_000_000:09d}.r{revision}"
+
+    def _choose_base(self, changed: Collection[str]) -> tuple[_Snapshot | None, Collection[str]]:
+        """The oldest spare past its grace period and the paths it lacks; else (None, changed)."""
+        now = self.clock()
+        for spare in self._spares:
+            if now - spare.retired_at >= self.grace:
+                self._spares.remove(spare)
+                delta: set[str] = set(changed)
+                for entry in self._journal[spare.seq - self._journal_base :]:
+                    delta.update(entry)
+                return spare, delta
+        return None, changed
+
+    def _link_tree(self, path: Path) -> None:
+        """Hard-link every live file into a new directory: no file contents copied."""
+        assert self._live is not None
+        live = self.target / self._live.name
+        made: set[Path] = {path}
+        for rel in self._live_paths:
+            dest = path / rel
+            self._make_parents(dest, path, made)
+            os.link(live / rel, dest)
+
+    def _apply(
+        self,
+        root: Path,
+        files: Mapping[str, bytes],
+        delta: Collection[str],
+        empty: bool,
+        fsync_each: bool,
+    ) -> set[Path]:
+        """Remove, then write, the paths of ``delta``; return the directories touched."""
+        dirs: set[Path] = {root}
+        for rel in delta:
+            if rel not in files:
+                dest = root / rel
+                if _unlink_file(dest):
+                    dirs.add(dest.parent)
+                    self._prune_empty(dest.parent, root, dirs)
+        made: set[Path] = {root}
+        for rel in delta:
+            value = files.get(rel)
+            if value is None:
+                continue
+            dest = root / rel
+            self._make_parents(dest, root, made)
+            if not empty:
+                _unlink_file(dest)  # never truncate: the inode may be shared with a live file
+            self._write_file(dest, value, fsync_each)
+            dirs.add(dest.parent)
+        return dirs | made
+
+    def _write_file(self, dest: Path, value: bytes, fsync: bool) -> None:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        try:
+            view = memoryview(value)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, self.mode)  # the mode asked for, whatever the umask
+            if self.uid != -1 or self.gid != -1:
+                os.fchown(fd, self.uid, self.gid)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _make_dir(self, path: Path, exist_ok: bool = False) -> None:
+        try:
+            os.mkdir(path, self.dir_mode)
+        except FileExistsError:
+            if not exist_ok:
+                raise
+            return
+        os.chmod(path, self.dir_mode)
+        if self.uid != -1 or self.gid != -1:
+            os.chown(path, self.uid, self.gid)
+
+    def _make_parents(self, dest: Path, root: Path, made: set[Path]) -> None:
+        parent = dest.parent
+        if parent in made:
+            return
+        if parent != root:
+            self._make_parents(parent, root, made)
+            self._make_dir(parent, exist_ok=True)
+        made.add(parent)
+
+    def _prune_empty(self, directory: Path, root: Path, dirs: set[Path]) -> None:
+        while directory != root:
+            try:
+                os.rmdir(directory)
+            except OSError:  # not empty, or already gone
+                return
+            dirs.discard(directory)
+            directory = directory.parent
+            dirs.add(directory)
+
+    def _update_links(self, files: Mapping[str, bytes], changed: Collection[str] | None) -> None:
+        """Keep one ``name -> ..data/name`` link per top-level name that has files."""
+        if changed is None:
+            self._live_paths = set(files)
+            self._top_counts = Counter(top_level(p) for p in self._live_paths)
+            affected = set(self._top_counts) | self._links
+        else:
+            affected = set()
+            for rel in changed:
+                was, now = rel in self._live_paths, rel in files
+                if was == now:
+                    continue
+                top = top_level(rel)
+                affected.add(top)
+                if now:
+                    self._live_paths.add(rel)
+                    self._top_counts[top] += 1
+                else:
+                    self._live_paths.discard(rel)
+                    self._top_counts[top] -= 1
+        for top in affected:
+            link = self.target / top
+            if self._top_counts[top] > 0 and top not in self._links:
+                tmp = self.target / TMP_TOP_LINK
+                _remove(tmp)
+                os.symlink(f"{DATA_LINK}/{top}", tmp)
+                os.replace(tmp, link)
+                self._links.add(top)
+            elif self._top_counts[top] <= 0:
+                self._top_counts.pop(top, None)
+                if top in self._links:
+                    _remove(link)
+                    self._links.discard(top)
+
+    # -- after the signal -------------------------------------------------
+
+    def collect_garbage(self) -> None:
+        """Delete snapshot dirs that are neither live nor kept as spares.
+
+        Runs after the child was signalled, off the critical path. Errors are
+        logged and the rest is still cleaned.
+        """
+        doomed = self._unknown + [s.name for s in self._spares[:-MAX_SPARES]]
+        self._unknown = []
+        self._spares = self._spares[-MAX_SPARES:]
+        for name in doomed:
+            try:
+                _remove(self.target / name)
+            except OSError as err:
+                log.warning("could not remove old snapshot %s: %s", name, err)
+        seqs = [s.seq for s in self._spares]
+        if self._live is not None:
+            seqs.append(self._live.seq)
+        keep_from = min(seqs, default=self._seq)
+        del self._journal[: keep_from - self._journal_base]
+        self._journal_base = keep_from
+
+    @property
+    def live_name(self) -> str | None:
+        return self._live.name if self._live else None
+
+
+def _unlink_file(path: Path) -> bool:
+    """Remove a file if there is one; return whether one was removed."""
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+    except PermissionError:  # EPERM: unlink() on a directory, on some systems
+        if not path.is_dir():
+            raise
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or directory tree; a missing one is fine."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)

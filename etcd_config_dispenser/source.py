@@ -1,0 +1,205 @@
+"""etcd source: one consistent read of the prefix, then its changes, revision by revision.
+
+Built on the ``etcd3`` client's connection, authentication and generated gRPC
+stubs. The watch stream is driven here rather than through ``etcd3``'s
+Watcher so that (a) a cancelled or compacted watch is seen with etcd's own
+reason, (b) another thread can cut a stuck stream (``interrupt``), and (c)
+every failure keeps what etcd answered, which ``etcd3`` drops when it maps
+gRPC errors onto its own exception classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import etcd3
+import etcd3.etcdrpc as rpc
+import grpc
+from etcd3.etcdrpc import kv_pb2
+
+from .config import Endpoint, EtcdConfig
+
+log = logging.getLogger(__name__)
+
+# Ask the server for a ping answer every 10 s and give up after 5 s more: a
+# dead TCP connection is noticed in about 15 s instead of never. etcd refuses
+# pings more often than every 5 s (--grpc-keepalive-min-time).
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", -1),  # a 10,000-key range is ~10 MiB
+]
+DELETE = kv_pb2.Event.DELETE
+
+
+class EtcdUnavailable(Exception):
+    """etcd could not be reached, or refused us. The message says what it answered."""
+
+
+class Compacted(Exception):
+    """The watch start revision was compacted away: read everything again."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revision compacted (compact_revision={compact_revision})")
+        self.compact_revision = compact_revision
+
+
+@dataclass(frozen=True)
+class Change:
+    key: bytes
+    value: bytes | None  # None: the key was deleted
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The changes of one watch response: one or more whole transactions, in order."""
+
+    revision: int
+    changes: list[Change]
+
+
+class _Client(etcd3.Etcd3Client):  # type: ignore[misc]
+    """etcd3's client, taking PEM bytes instead of file names for TLS."""
+
+    def _get_secure_creds(self, ca_cert: Any, cert_key: Any = None, cert_cert: Any = None) -> Any:
+        config: EtcdConfig = ca_cert
+        return grpc.ssl_channel_credentials(config.server_ca, config.client_key, config.client_cert)
+
+
+def describe(err: BaseException, endpoint: Endpoint | None = None) -> str:
+    """What etcd or the network answered, in one line, without secrets."""
+    where = f"{endpoint}: " if endpoint else ""
+    if isinstance(err, grpc.RpcError):
+        code = err.code()
+        details = err.details()
+        return f"{where}{code.name if code else 'UNKNOWN'}: {details}"
+    return f"{where}{err}"
+
+
+def range_end(prefix: bytes) -> bytes:
+    """The first key after every key that starts with ``prefix``."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+class EtcdSource:
+    """Reads and watches one prefix on the first endpoint that answers."""
+
+    def __init__(self, config: EtcdConfig, prefix: bytes, timeout: float = 5.0) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.timeout = timeout
+        self._index = 0
+        self._client: _Client | None = None
+        self._stream: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.config.endpoints[self._index % len(self.config.endpoints)]
+
+    def connect(self) -> None:
+        """(Re)connect and authenticate; after a failure the next call tries the next endpoint."""
+        self.close()
+        endpoint = self.endpoint
+        try:
+            self._client = _Client(
+                host=endpoint.host,
+                port=endpoint.port,
+                ca_cert=self.config if endpoint.tls else None,
+                timeout=self.timeout,
+                user=self.config.username,
+                password=self.config.password,
+                grpc_options=GRPC_OPTIONS,
+            )
+        except grpc.RpcError as err:
+            self._index += 1
+            raise EtcdUnavailable(describe(err, endpoint)) from None
+
+    def _fail(self, err: BaseException) -> EtcdUnavailable:
+        endpoint = self.endpoint
+        self._index += 1
+        return EtcdUnavailable(describe(err, endpoint))
+
+    def read_all(self) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Every key under the prefix and the revision they are all at (one range)."""
+        client = self._require_client()
+        request = rpc.RangeRequest(key=self.prefix, range_end=range_end(self.prefix))
+        try:
+            response = client.kvstub.Range(request, self.timeout, metadata=client.metadata)
+        except grpc.RpcError as err:
+            raise self._fail(err) from None
+        return response.header.revision, [(kv.key, kv.value) for kv in response.kvs]
+
+    def check(self) -> int:
+        """A cheap read that proves the connection and the token still work; the revision."""
+        client = self._require_client()
+        request = rpc.RangeRequest(
+            key=self.prefix, range_end=range_end(self.prefix), count_only=True
+        )
+        try:
+            response = client.kvstub.Range(request, self.timeout, metadata=client.metadata)
+        except grpc.RpcError as err:
+            raise self._fail(err) from None
+        return int(response.header.revision)
+
+    def watch(self, start_revision: int) -> Iterator[Batch]:
+        """Yield the changes under the prefix from ``start_revision`` on, until an error.
+
+        Every event of one transaction shares one revision and arrives in one
+        watch response, so a Batch never splits a transaction.
+        """
+        client = self._require_client()
+        requests: queue.Queue[Any] = queue.Queue()
+        create = rpc.WatchCreateRequest(
+            key=self.prefix, range_end=range_end(self.prefix), start_revision=start_revision
+        )
+        requests.put(rpc.WatchRequest(create_request=create))
+        stub = rpc.WatchStub(client.channel)
+        stream = stub.Watch(iter(requests.get, None), metadata=client.metadata)
+        with self._lock:
+            self._stream = stream
+        try:
+            for response in stream:
+                if response.compact_revision:
+                    raise Compacted(response.compact_revision)
+                if response.canceled:
+                    raise EtcdUnavailable(
+                        f"{self.endpoint}: watch cancelled by etcd: {response.cancel_reason}"
+                    )
+                if not response.events:
+                    continue
+                changes = [
+                    Change(e.kv.key, None if e.type == DELETE else e.kv.value)
+                    for e in response.events
+                ]
+                yield Batch(response.events[-1].kv.mod_revision, changes)
+        except grpc.RpcError as err:
+            raise self._fail(err) from None
+        finally:
+            with self._lock:
+                self._stream = None
+            requests.put(None)
+            stream.cancel()
+        raise EtcdUnavailable(f"{self.endpoint}: watch stream ended")
+
+    def interrupt(self) -> None:
+        """Cut the current watch stream (from another thread): the watch raises."""
+        with self._lock:
+            if self._stream is not None:
+                self._stream.cancel()
+
+    def _require_client(self) -> _Client:
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

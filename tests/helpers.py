@@ -1,0 +1,164 @@
+"""Real processes for the tests: an etcd server, the dispenser, and small oracles."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import etcd3
+
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def busy_wait(condition: Callable[[], object], timeout: float = 10.0, step: float = 0.01) -> None:
+    """Wait until ``condition()`` is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {condition}")
+        time.sleep(step)
+
+
+def read_tree(target: Path) -> dict[str, bytes]:
+    """What a user sees: every file reached through the top-level links, by relative path.
+
+    The one oracle of the snapshot tests (after Kubernetes' checkVolumeContents).
+    """
+    tree: dict[str, bytes] = {}
+    for entry in sorted(os.listdir(target)):
+        if entry.startswith(".."):
+            continue
+        top = target / entry
+        if top.is_dir():
+            for root, _dirs, files in os.walk(top):
+                for name in files:
+                    path = Path(root) / name
+                    tree[str(path.relative_to(target))] = path.read_bytes()
+        else:
+            tree[entry] = top.read_bytes()
+    return tree
+
+
+def snapshot_dirs(target: Path) -> list[str]:
+    return sorted(n for n in os.listdir(target) if n.startswith("..") and n != "..data")
+
+
+class EtcdServer:
+    """One etcd member on free loopback ports with its own data dir; stopped by its pid."""
+
+    def __init__(self, extra_args: Sequence[str] = ()) -> None:
+        self.data_dir = Path(tempfile.mkdtemp(prefix="etcd-test-"))
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self) -> EtcdServer:
+        client_url = f"http://127.0.0.1:{self.client_port}"
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        log = open(self.data_dir / "etcd.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(
+            [
+                ETCD,
+                "--data-dir", str(self.data_dir / "data"),
+                "--name", "t",
+                "--listen-client-urls", client_url,
+                "--advertise-client-urls", client_url,
+                "--listen-peer-urls", peer_url,
+                "--initial-advertise-peer-urls", peer_url,
+                "--initial-cluster", f"t={peer_url}",
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        busy_wait(self.healthy, timeout=20)
+        return self
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"etcd exited: {(self.data_dir / 'etcd.log').read_text()[-2000:]}")
+        try:
+            url = f"http://127.0.0.1:{self.client_port}/health"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return b'"health":"true"' in response.read()
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def client(self) -> etcd3.Etcd3Client:
+        return etcd3.client(host="127.0.0.1", port=self.client_port, timeout=5)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class DispenserProcess:
+    """The installed dispenser, run as a real process with its log in a file."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        command: Sequence[str] = (),
+    ) -> None:
+        self.log_path = log_path
+        argv = [sys.executable, "-m", "etcd_config_dispenser", *args]
+        if command:
+            argv += ["--", *command]
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"dispenser did not exit on {signum}:\n{self.log()}") from None

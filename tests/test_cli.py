@@ -1,0 +1,121 @@
+"""The command line: flags parse, bad flags exit 2 with one line naming the flag."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from etcd_config_dispenser.cli import USAGE, UsageError, parse_args, parse_signal
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "etcd_config_dispenser", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("SIGHUP", signal.SIGHUP),
+        ("HUP", signal.SIGHUP),
+        ("hup", signal.SIGHUP),
+        ("sigusr2", signal.SIGUSR2),
+        ("WINCH", signal.SIGWINCH),
+        ("1", signal.SIGHUP),
+        ("15", signal.SIGTERM),
+        ("SIGRTMIN", signal.SIGRTMIN),
+    ],
+)
+def test_any_signal_name_or_number(text: str, expected: signal.Signals) -> None:
+    assert parse_signal(text) == expected
+
+
+def test_defaults_and_the_child_command() -> None:
+    options = parse_args(["-p", "/certs", "-t", "out", "--", "nginx", "-g", "daemon off;"])
+    assert options.prefix == b"/certs/"
+    assert options.target.is_absolute() and options.target.name == "out"
+    assert options.signal == signal.SIGHUP
+    assert options.mode == 0o600
+    assert (options.uid, options.gid) == (-1, -1)
+    assert options.command == ["nginx", "-g", "daemon off;"]
+    assert options.kill_timeout == 10.0
+
+
+def test_owner_and_group_by_name_and_number() -> None:
+    options = parse_args(["-p", "/x", "-t", "o", "--owner=root", "--group=0", "--mode=0644"])
+    assert (options.uid, options.gid, options.mode) == (0, 0, 0o644)
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["-p", "/x", "-t", "o", "--mode=9z"], "--mode"),
+        (["-p", "/x", "-t", "o", "--mode=1777"], "--mode"),
+        (["-p", "/x", "-t", "o", "--signal=SIGNOPE"], "--signal"),
+        (["-p", "/x", "-t", "o", "--signal=999"], "--signal"),
+        (["-p", "/x", "-t", "o", "--owner=no-such-user-here"], "--owner"),
+        (["-p", "/x", "-t", "o", "--group=no-such-group-here"], "--group"),
+        (["-p", "/x", "-t", "o", "--kill-timeout=soon"], "--kill-timeout"),
+        (["-p", "/x", "-t", "o", "--log-level=loud"], "--log-level"),
+        (["-p", "/x", "-t", "o", "--once", "--", "nginx"], "--once"),
+    ],
+)
+def test_bad_values_name_the_flag(args: list[str], flag: str) -> None:
+    with pytest.raises(UsageError, match=flag):
+        parse_args(args)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--prefix=/x", "--mode=9z", "--target=o"], "--mode"),
+        (["--prefix=/x", "--target=o", "--signal=NOPE"], "--signal"),
+        (["--prefix=/x"], "Usage:"),  # missing --target
+        (["--prefix=/x", "--target=o", "--no-such-flag"], "--no-such-flag"),
+        (["--prefix=/x", "--target=o", "--owner=no-such-user-here"], "--owner"),
+    ],
+)
+def test_bad_flags_exit_2_with_usage_and_no_traceback(args: list[str], needle: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr
+    assert "Usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("etcd-config-dispenser: ")
+
+
+def test_bad_environment_exits_2_naming_the_variable() -> None:
+    result = run_cli("-p", "/x", "-t", "o", env={"ETCD_ENDPOINTS": "ftp://h"})
+    assert result.returncode == 2
+    assert "ETCD_ENDPOINTS" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_is_the_manual() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert result.stdout.strip() == USAGE.strip()
+    for flag in ("--prefix", "--target", "--signal", "--mode", "--owner", "--group"):
+        assert flag in result.stdout
+    for variable in ("ETCD_ENDPOINTS", "ETCD_PASSWORD", "ETCD_SERVER_CA"):
+        assert variable in result.stdout
+
+
+def test_manual_has_no_tabs_and_fits_80_columns() -> None:
+    assert "\t" not in USAGE
+    assert max(len(line) for line in USAGE.splitlines()) <= 80
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("etcd-config-dispenser ")

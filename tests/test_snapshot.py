@@ -1,0 +1,285 @@
+"""Snapshot writer on a real filesystem: layout, modes, sequences, recovery, the fast path."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+from pathlib import Path
+
+import pytest
+from helpers import read_tree, snapshot_dirs
+
+from etcd_config_dispenser import snapshot
+from etcd_config_dispenser.keys import KeyTree
+from etcd_config_dispenser.snapshot import (
+    DATA_LINK,
+    TMP_LINK,
+    SnapshotError,
+    SnapshotWriter,
+    dir_mode,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_writer(target: Path, **kwargs: object) -> SnapshotWriter:
+    writer = SnapshotWriter(target, **kwargs)  # type: ignore[arg-type]
+    writer.recover()
+    return writer
+
+
+def publish(writer: SnapshotWriter, tree: KeyTree, revision: int, **edits: bytes | None) -> bool:
+    """Apply edits (path -> value, None deletes; '__' stands for '/') and publish."""
+    changed: set[str] = set()
+    for name, value in edits.items():
+        path = name.replace("__", "/")
+        changed |= tree.delete(path) if value is None else tree.put(path, value)
+    result = writer.publish(tree.files, changed, revision)
+    writer.collect_garbage()
+    return result
+
+
+def test_layout_after_first_publish(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    writer = make_writer(target)
+    tree = KeyTree()
+    assert publish(writer, tree, 42, cert=b"C", key=b"K", sub__c=b"nested")
+    live = os.readlink(target / DATA_LINK)
+    assert live.startswith("..") and live.endswith(".r42")
+    assert snapshot_dirs(target) == [live]
+    for name in ("cert", "key", "sub"):
+        assert os.readlink(target / name) == f"{DATA_LINK}/{name}"
+    assert read_tree(target) == {"cert": b"C", "key": b"K", "sub/c": b"nested"}
+
+
+def test_create_update_delete_nested_delete(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    writer = make_writer(target, grace=0.0)
+    tree = KeyTree()
+    publish(writer, tree, 1, a=b"1", d__e__f=b"deep")
+    assert publish(writer, tree, 2, a=b"2", b=b"new")
+    assert read_tree(target) == {"a": b"2", "b": b"new", "d/e/f": b"deep"}
+    assert publish(writer, tree, 3, b=None)
+    assert read_tree(target) == {"a": b"2", "d/e/f": b"deep"}
+    assert not (target / "b").is_symlink()
+    assert publish(writer, tree, 4, d__e__f=None)
+    assert read_tree(target) == {"a": b"2"}
+    assert not (target / "d").exists() and not (target / DATA_LINK / "d").exists()
+
+
+def test_nothing_changed_touches_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    writer = make_writer(target)
+    tree = KeyTree()
+    publish(writer, tree, 1, a=b"1")
+    live = os.readlink(target / DATA_LINK)
+    assert not publish(writer, tree, 2, a=b"1")
+    assert os.readlink(target / DATA_LINK) == live
+
+
+def test_values_are_byte_exact(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    writer = make_writer(target)
+    der = bytes(range(256)) * 40
+    publish(writer, KeyTree(), 1, der=der, empty=b"", crlf=b"a\r\nb\r\n")
+    assert read_tree(target) == {"der": der, "empty": b"", "crlf": b"a\r\nb\r\n"}
+
+
+@pytest.mark.parametrize("mode, expected_dir", [(0o600, 0o700), (0o644, 0o755), (0o640, 0o750)])
+def test_modes_ignore_the_umask(tmp_path: Path, mode: int, expected_dir: int) -> None:
+    assert dir_mode(mode) == expected_dir
+    old = os.umask(0o077)
+    try:
+        target = tmp_path / "config"
+        writer = make_writer(target, mode=mode)
+        publish(writer, KeyTree(), 1, f=b"x", sub__g=b"y")
+    finally:
+        os.umask(old)
+    data = target / DATA_LINK
+    assert stat.S_IMODE(os.stat(data / "f").st_mode) == mode
+    assert stat.S_IMODE(os.stat(data / "sub" / "g").st_mode) == mode
+    assert stat.S_IMODE(os.stat(data / "sub").st_mode) == expected_dir
+    assert stat.S_IMODE(os.stat(data).st_mode) == expected_dir
+
+
+def test_old_snapshot_is_untouched_within_the_grace_period(tmp_path: Path) -> None:
+    """A reader that resolved ..data before a flip keeps reading one whole revision."""
+    target = tmp_path / "config"
+    clock = Clock()
+    writer = make_writer(target, grace=1.0, clock=clock)
+    tree = KeyTree()
+    publish(writer, tree, 1, cert=b"c1", key=b"k1")
+    old = target / os.readlink(target / DATA_LINK)
+    publish(writer, tree, 2, cert=b"c2", key=b"k2")
+    publish(writer, tree, 3, cert=b"c3", key=b"k3")  # still within the grace period
+    assert (old / "cert").read_bytes() == b"c1" and (old / "key").read_bytes() == b"k1"
+    assert read_tree(target) == {"cert": b"c3", "key": b"k3"}
+
+
+def test_spare_directory_is_reused_after_the_grace_period(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    clock = Clock()
+    writer = make_writer(target, grace=1.0, clock=clock)
+    tree = KeyTree()
+    publish(writer, tree, 1, a=b"1", b=b"1")
+    first_inode = os.stat(target / os.readlink(target / DATA_LINK)).st_ino
+    publish(writer, tree, 2, a=b"2")
+    clock.now += 5
+    publish(writer, tree, 3, b=b"3")
+    # Revision 3 lives in revision 1's directory, renamed and brought up to date.
+    assert os.stat(target / os.readlink(target / DATA_LINK)).st_ino == first_inode
+    assert os.readlink(target / DATA_LINK).endswith(".r3")
+    assert read_tree(target) == {"a": b"2", "b": b"3"}
+
+
+def test_failed_flip_keeps_the_live_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "config"
+    writer = make_writer(target)
+    tree = KeyTree()
+    publish(writer, tree, 1, a=b"1")
+    live = os.readlink(target / DATA_LINK)
+    tree.put("b", b"2")
+
+    def no_space(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(snapshot.os, "replace", no_space)  # the rename onto ..data fails
+    with pytest.raises(SnapshotError, match="r2 not published"):
+        writer.publish(tree.files, {"b"}, 2)
+    monkeypatch.undo()
+    assert os.readlink(target / DATA_LINK) == live
+    assert snapshot_dirs(target) == [live]
+    assert read_tree(target) == {"a": b"1"}
+    # The next publish, given the paths again, succeeds.
+    assert writer.publish(tree.files, {"b"}, 3)
+    assert read_tree(target) == {"a": b"1", "b": b"2"}
+
+
+def test_failed_write_removes_the_half_built_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "config"
+    writer = make_writer(target)
+    tree = KeyTree()
+    publish(writer, tree, 1, a=b"1")
+    live = os.readlink(target / DATA_LINK)
+    for name in "bcd":
+        tree.put(name, b"2")
+    real_write = writer._write_file
+    calls: list[Path] = []
+
+    def write_then_fail(dest: Path, value: bytes, fsync: bool) -> None:
+        calls.append(dest)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(dest, value, fsync)
+
+    monkeypatch.setattr(writer, "_write_file", write_then_fail)
+    with pytest.raises(SnapshotError, match="No space left"):
+        writer.publish(tree.files, {"b", "c", "d"}, 2)
+    assert os.readlink(target / DATA_LINK) == live
+    assert snapshot_dirs(target) == [live]
+    assert read_tree(target) == {"a": b"1"}
+
+
+def test_recover_removes_debris_and_keeps_the_live_snapshot(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    writer = make_writer(target)
+    tree = KeyTree()
+    publish(writer, tree, 1, a=b"1", sub__b=b"2")
+    live = os.readlink(target / DATA_LINK)
+    # What a kill -9 between write and flip leaves behind:
+    half = target / "..2026_01_01_00_00_00.000000001.r2"
+    half.mkdir()
+    (half / "a").write_bytes(b"half")
+    os.symlink(half.name, target / TMP_LINK)
+    restarted = SnapshotWriter(target)
+    assert restarted.recover() == live
+    assert snapshot_dirs(target) == [live]
+    assert not (target / TMP_LINK).is_symlink()
+    assert read_tree(target) == {"a": b"1", "sub/b": b"2"}  # still served
+    # The first publish of the new process replaces it, links included.
+    assert restarted.publish({"c": b"3"}, {"c"}, 3)
+    restarted.collect_garbage()
+    assert read_tree(target) == {"c": b"3"}
+    assert snapshot_dirs(target) == [os.readlink(target / DATA_LINK)]
+
+
+def test_recover_refuses_a_target_with_foreign_files(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    target.mkdir()
+    (target / "nginx.conf").write_text("mine")
+    with pytest.raises(SnapshotError, match=r"nginx\.conf"):
+        SnapshotWriter(target).recover()
+    assert (target / "nginx.conf").read_text() == "mine"
+
+
+def test_recover_creates_a_missing_target(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "config"
+    assert SnapshotWriter(target).recover() is None
+    assert target.is_dir()
+
+
+def test_file_dir_clash_transitions_on_disk(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    clock = Clock()
+    writer = make_writer(target, grace=1.0, clock=clock)
+    tree = KeyTree()
+    publish(writer, tree, 1, a__b=b"deep")
+    clock.now += 2
+    publish(writer, tree, 2, a=b"file")
+    assert read_tree(target) == {"a": b"file"}
+    clock.now += 2
+    publish(writer, tree, 3, a=None)
+    assert read_tree(target) == {"a/b": b"deep"}
+    clock.now += 2
+    publish(writer, tree, 4, a=b"again")
+    assert read_tree(target) == {"a": b"again"}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_path_equals_a_full_rebuild(tmp_path: Path, seed: int) -> None:
+    """Random edits through spares and hard links give what a fresh write gives.
+
+    Also: a hard-linked file is never changed under an older snapshot.
+    """
+    rng = random.Random(seed)
+    target = tmp_path / "config"
+    clock = Clock()
+    writer = make_writer(target, grace=1.0, clock=clock)
+    tree = KeyTree()
+    names = ["a", "b", "c/d", "c/e", "c", "f/g/h", "f", "x/y"]
+    publish(writer, tree, 1, **{n.replace("/", "__"): b"0" for n in names[:4]})
+    history: dict[str, dict[str, bytes]] = {}
+    for revision in range(2, 80):
+        edits: dict[str, bytes | None] = {}
+        for _ in range(rng.randint(1, 3)):
+            name = rng.choice(names).replace("/", "__")
+            edits[name] = None if rng.random() < 0.3 else str(revision).encode()
+        changed = publish(writer, tree, revision, **edits)
+        assert read_tree(target) == tree.files
+        if changed:
+            history[os.readlink(target / DATA_LINK)] = dict(tree.files)
+        clock.now += rng.choice([0.1, 0.5, 2.0])
+        for name in snapshot_dirs(target):  # every kept snapshot still holds its revision
+            if name in history:
+                assert _dir_files(target / name) == history[name]
+
+
+def _dir_files(root: Path) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            out[str(path.relative_to(root))] = path.read_bytes()
+    return out
