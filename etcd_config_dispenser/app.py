@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .child import Supervisor, block_signals
+from .child import Supervisor, become_subreaper, block_signals
 from .cli import Options
 from .config import EtcdConfig, child_environ
 from .loop import Dispenser
@@ -19,6 +19,8 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     """Run until the child exits (its exit code) or, without a child, until SIGTERM (0)."""
     # Configure signals: before any thread exists, so that every thread inherits the mask.
     block_signals()
+    if os.getpid() != 1:
+        become_subreaper()
     if etcd.insecure_skip_verify:
         log.warning("ETCD_INSECURE_SKIP_VERIFY is set: the etcd server is NOT verified")
     writer = SnapshotWriter(options.target, options.mode, options.uid, options.gid)

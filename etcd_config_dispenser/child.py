@@ -8,6 +8,8 @@ threads that write snapshots.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -31,11 +33,25 @@ FORWARDED = frozenset(
 TERMINATING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 HANDLED = FORWARDED | {signal.SIGCHLD}  # SIGCHLD is collected, never forwarded
 WAIT_STEP = 1.0  # seconds between checks when no signal arrives
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def block_signals() -> None:
     """Block the handled signals in this thread and every thread it starts later."""
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants even when not PID 1 (Linux PR_SET_CHILD_SUBREAPER).
+
+    As PID 1 this is what the kernel does anyway; elsewhere (tests, a shell)
+    it makes the reaping below apply to the child's orphans too.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def exit_code(status: int) -> int:

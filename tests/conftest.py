@@ -55,9 +55,12 @@ def dispenser(
         use_defaults: bool = True,
     ) -> DispenserProcess:
         argv = [f"--prefix={prefix}", f"--target={target}", *args] if use_defaults else list(args)
+        env = dict(env or {})
+        if "ETCD_ENDPOINTS_FILE" not in env:
+            env.setdefault("ETCD_ENDPOINTS", etcd_server.endpoint)
         proc = DispenserProcess(
             argv,
-            {"ETCD_ENDPOINTS": etcd_server.endpoint, **(env or {})},
+            env,
             tmp_path / f"dispenser-{len(started)}.log",
             command,
         )

@@ -1,0 +1,134 @@
+"""Child supervisor, black box as tini tests itself: a real process tree, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import busy_wait
+
+HARNESS = Path(__file__).with_name("child_harness.py")
+
+# A child that reports each signal it gets in a file and exits 128+N on TERM/USR1/USR2.
+REPORTER = """
+import signal, sys, time
+out = sys.argv[1]
+def note(signum, frame):
+    with open(out, "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    if signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH,
+          signal.SIGINT, signal.SIGQUIT):
+    signal.signal(s, note)
+open(out, "a").close()
+while True:
+    time.sleep(0.01)
+"""
+
+
+def start(*command: str, kill_timeout: float = 5.0) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(HARNESS), str(kill_timeout), "--", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc
+
+
+def start_reporter(tmp_path: Path, **kwargs: float) -> tuple[subprocess.Popen[str], Path]:
+    script = tmp_path / "reporter.py"
+    script.write_text(REPORTER)
+    out = tmp_path / "signals.txt"
+    proc = start(sys.executable, str(script), str(out), **kwargs)
+    busy_wait(out.exists)
+    return proc, out
+
+
+@pytest.mark.parametrize("code", [0, 1, 42, 255])
+def test_exit_code_is_the_childs(code: int) -> None:
+    proc = start("sh", "-c", f"exit {code}")
+    assert proc.wait(10) == code
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
+def test_forwarded_signal_that_kills_gives_128_plus_n(tmp_path: Path, signum: int) -> None:
+    proc, out = start_reporter(tmp_path)
+    proc.send_signal(signum)
+    assert proc.wait(10) == 128 + signum
+    assert out.read_text().split() == [signal.Signals(signum).name]
+
+
+def test_hup_and_winch_reach_the_child_which_keeps_running(tmp_path: Path) -> None:
+    proc, out = start_reporter(tmp_path)
+    for signum in (signal.SIGHUP, signal.SIGWINCH, signal.SIGHUP):
+        proc.send_signal(signum)
+        time.sleep(0.05)
+    busy_wait(lambda: len(out.read_text().split()) == 3)
+    assert out.read_text().split() == ["SIGHUP", "SIGWINCH", "SIGHUP"]
+    assert proc.poll() is None
+    proc.terminate()
+    assert proc.wait(10) == 128 + signal.SIGTERM
+
+
+def test_child_ignoring_sigterm_is_killed_after_the_timeout() -> None:
+    proc = start("sh", "-c", "trap '' TERM; echo started; while :; do sleep 0.05; done",
+                 kill_timeout=0.5)  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "started"
+    started = time.monotonic()
+    proc.terminate()
+    assert proc.wait(10) == 128 + signal.SIGKILL
+    assert time.monotonic() - started >= 0.5
+
+
+def test_missing_command_exits_127_and_unexecutable_126(tmp_path: Path) -> None:
+    assert start("/nonexistent/command").wait(10) == 127
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    assert start(str(script)).wait(10) == 126
+
+
+def test_child_gets_unblocked_signals_and_default_sigpipe() -> None:
+    """Python blocks signals and ignores SIGPIPE; the child must inherit neither."""
+    proc = start("sh", "-c", "grep -E '^(SigBlk|SigIgn)' /proc/self/status")
+    out, _ = proc.communicate(timeout=10)
+    fields = dict(line.split(":\t") for line in out.splitlines() if ":\t" in line)
+    assert int(fields["SigBlk"], 16) == 0
+    assert not int(fields["SigIgn"], 16) & (1 << (signal.SIGPIPE - 1))
+
+
+def test_orphaned_zombies_are_reaped(tmp_path: Path) -> None:
+    """The child leaves orphans behind; they are adopted and reaped, not left as zombies."""
+    proc = start("sh", "-c", "for i in 1 2 3; do (sleep 0.1 &) ; done; echo started; sleep 30")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "started"
+
+    def zombies() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] == "Z" and int(fields[1]) == proc.pid:
+                found.append(pid)
+        return found
+
+    def orphans_gone() -> bool:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        return len(children) == 1 and not zombies()  # only the sh child remains
+
+    time.sleep(0.3)  # the orphans exit after 0.1 s; reaping happens within a second
+    busy_wait(orphans_gone, timeout=5)
+    proc.terminate()
+    assert proc.wait(10) == 128 + signal.SIGTERM
