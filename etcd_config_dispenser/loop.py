@@ -196,7 +196,7 @@ class Dispenser:
             log.info(
                 "r%d: %s: wrote %s; removed %s", revision, how, _names(written), _names(removed)
             )
-        self.writer.collect_garbage()
+        self.writer.finish(prepare=not self.once)
 
 
 def _names(paths: list[str], most: int = 10) -> str:

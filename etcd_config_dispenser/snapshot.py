@@ -21,6 +21,17 @@ only the paths that changed since it was live (a journal of changed paths).
 Only when no such spare exists is a new directory made, by hard-linking the
 live files (safe: a file is never modified in place, only unlinked and
 created anew) and then applying the change.
+
+Creating an inode (a file, a symlink, a directory) is the slow part of a
+small change (about 0.75 ms each on the ext4 disks measured; a rename costs
+0.02 ms), so new files come from a pool of empty ones made in ``..pool``
+after the signal, and are renamed into place when written.
+
+Durability: before the flip, the new files and their directories are on disk
+(fsync, or one syncfs for a big change). The flip itself is made durable by
+``finish`` right after the signal. A power loss in between leaves ``..data``
+at the previous snapshot, which is complete and is not reused before
+``finish`` has run.
 """
 
 from __future__ import annotations
@@ -44,9 +55,12 @@ log = logging.getLogger(__name__)
 DATA_LINK = "..data"
 TMP_LINK = "..data_tmp"
 TMP_TOP_LINK = "..link_tmp"
+POOL_DIR = "..pool"
 SNAPSHOT_PREFIX = ".."
 FSYNC_EACH_MAX = 32  # up to this many files: fsync each; beyond: one syncfs
-MAX_SPARES = 2
+MAX_SPARES = 4  # spares kept past their grace period; younger ones are never deleted
+POOL_SIZE = 8  # empty files kept ready for the next change
+GRACE = 0.25  # seconds a retired snapshot stays untouched for readers still in it
 SNAPSHOT_NAME_MAX = 64  # "..YYYY_MM_DD_HH_MM_SS.NNNNNNNNN.r<revision>", with room
 
 
@@ -88,6 +102,7 @@ class _Snapshot:
 
     name: str
     seq: int
+    revision: int
     retired_at: float = 0.0  # monotonic time it stopped being live
 
 
@@ -100,7 +115,7 @@ class SnapshotWriter:
         mode: int = 0o600,
         uid: int = -1,
         gid: int = -1,
-        grace: float = 1.0,
+        grace: float = GRACE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target = target
@@ -118,6 +133,8 @@ class SnapshotWriter:
         self._journal_base = 0  # publish number of journal[0]
         self._top_counts: Counter[str] = Counter()
         self._links: set[str] = set()
+        self._pool: list[str] = []  # names of empty files in ..pool
+        self._pool_serial = 0
 
     @property
     def _seq(self) -> int:
@@ -176,8 +193,8 @@ class SnapshotWriter:
         5. Flip: symlink ``..data_tmp`` -> new dir, rename it onto ``..data``.
            This is the atomic moment. fsync the target directory.
         6. Add and remove the top-level links.
-        The old live directory becomes a spare; ``collect_garbage`` (after the
-        signal) deletes what is not kept.
+        The old live directory becomes a spare; ``finish`` (after the signal)
+        makes the flip durable and deletes what is not kept.
         """
         first = self._live is None
         if not first and not changed:  # (1)
@@ -190,12 +207,11 @@ class SnapshotWriter:
         try:
             if base is not None:
                 os.rename(self.target / base.name, path)
-            else:
+            elif first:
                 self._make_dir(path)
-                if first:
-                    delta = files.keys()
-                else:
-                    self._link_tree(path)
+                delta = files.keys()
+            else:
+                self._link_tree(path)
             dirs = self._apply(path, files, delta, empty, fsync_each=not use_syncfs)  # (3)
             if use_syncfs:  # (4)
                 _syncfs(path)
@@ -210,12 +226,11 @@ class SnapshotWriter:
             _remove(self.target / TMP_LINK)
             _remove(path)
             raise SnapshotError(err.errno, f"snapshot r{revision} not published: {err}") from err
-        _fsync_dir(self.target)
         if self._live is not None:
             self._live.retired_at = self.clock()
             self._spares.append(self._live)
         self._journal.append(() if first else set(changed))  # no dir predates the first
-        self._live = _Snapshot(name, self._seq)
+        self._live = _Snapshot(name, self._seq, revision)
         self._update_links(files, None if first else changed)  # (6)
         return True
 
@@ -241,6 +256,7 @@ class SnapshotWriter:
         assert self._live is not None
         live = self.target / self._live.name
         made: set[Path] = {path}
+        self._make_dir(path, exist_ok=True)
         for rel in self._live_paths:
             dest = path / rel
             self._make_parents(dest, path, made)
@@ -269,25 +285,46 @@ class SnapshotWriter:
                 continue
             dest = root / rel
             self._make_parents(dest, root, made)
-            if not empty:
-                _unlink_file(dest)  # never truncate: the inode may be shared with a live file
-            self._write_file(dest, value, fsync_each)
+            if empty:
+                self._write_file(dest, value, fsync_each)
+            else:
+                # Never truncate: the old inode may be shared with another
+                # snapshot, or still open in a reader. A new one replaces it.
+                _unlink_file(dest)
+                self._write_file(dest, value, fsync_each, from_pool=True)
             dirs.add(dest.parent)
         return dirs | made
 
-    def _write_file(self, dest: Path, value: bytes, fsync: bool) -> None:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+    def _write_file(self, dest: Path, value: bytes, fsync: bool, from_pool: bool = False) -> None:
+        """Write ``value`` as a new file at ``dest``: a pooled empty file, or a new one."""
+        if from_pool and self._pool:
+            pooled = self.target / POOL_DIR / self._pool.pop()
+            fd = os.open(pooled, os.O_WRONLY | os.O_CLOEXEC)
+        else:
+            pooled = None
+            fd = self._create(dest)
         try:
             view = memoryview(value)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fchmod(fd, self.mode)  # the mode asked for, whatever the umask
-            if self.uid != -1 or self.gid != -1:
-                os.fchown(fd, self.uid, self.gid)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+        if pooled is not None:
+            os.rename(pooled, dest)
+
+    def _create(self, path: Path) -> int:
+        """A new empty file with the mode (whatever the umask) and owner asked for."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        try:
+            os.fchmod(fd, self.mode)
+            if self.uid != -1 or self.gid != -1:
+                os.fchown(fd, self.uid, self.gid)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def _make_dir(self, path: Path, exist_ok: bool = False) -> None:
         try:
@@ -355,15 +392,25 @@ class SnapshotWriter:
 
     # -- after the signal -------------------------------------------------
 
-    def collect_garbage(self) -> None:
-        """Delete snapshot dirs that are neither live nor kept as spares.
+    def finish(self, prepare: bool = True) -> None:
+        """After the signal, off the critical path: the rest of a publish.
 
-        Runs after the child was signalled, off the critical path. Errors are
-        logged and the rest is still cleaned.
+        Makes the flip durable (fsync of the target directory), deletes
+        snapshot dirs that are neither live nor kept, and (``prepare``) makes
+        ready for the next change: empty files and a spare snapshot. Errors
+        in cleaning are logged and the rest still runs.
         """
-        doomed = self._unknown + [s.name for s in self._spares[:-MAX_SPARES]]
+        _fsync_dir(self.target)
+        now = self.clock()
+        excess = len(self._spares) - MAX_SPARES
+        doomed = list(self._unknown)
         self._unknown = []
-        self._spares = self._spares[-MAX_SPARES:]
+        for spare in list(self._spares):  # oldest first; younger than grace: never
+            if excess <= 0 or now - spare.retired_at < self.grace:
+                break
+            self._spares.remove(spare)
+            doomed.append(spare.name)
+            excess -= 1
         for name in doomed:
             try:
                 _remove(self.target / name)
@@ -375,10 +422,43 @@ class SnapshotWriter:
         keep_from = min(seqs, default=self._seq)
         del self._journal[: keep_from - self._journal_base]
         self._journal_base = keep_from
+        if not prepare:
+            return
+        try:
+            self._fill_pool()
+            if not self._spares and self._live is not None:
+                self._prepare_spare(self._live)
+        except OSError as err:
+            log.warning("could not prepare for the next change: %s", err)
+
+    def _prepare_spare(self, live: _Snapshot) -> None:
+        """A hard-linked copy of the live snapshot, so the next change finds a spare.
+
+        Without one, the first change after start-up would pay for the copy
+        (about 145 ms at 10,000 files) before its signal; here it is paid
+        after the signal. No reader ever saw it, so it has no grace period.
+        """
+        name = self._new_name(live.revision)
+        try:
+            self._link_tree(self.target / name)
+        except OSError:
+            _remove(self.target / name)
+            raise
+        self._spares.append(_Snapshot(name, live.seq, live.revision, self.clock() - self.grace))
+
+    def _fill_pool(self) -> None:
+        pool = self.target / POOL_DIR
+        self._make_dir(pool, exist_ok=True)  # recover() removed any left by another process
+        while len(self._pool) < POOL_SIZE:
+            self._pool_serial += 1
+            name = str(self._pool_serial)
+            os.close(self._create(pool / name))
+            self._pool.append(name)
 
     @property
-    def live_name(self) -> str | None:
-        return self._live.name if self._live else None
+    def kept_dirs(self) -> list[str]:
+        """Snapshot directories this writer keeps: the live one and the spares."""
+        return [s.name for s in ([self._live] if self._live else []) + self._spares]
 
 
 def _unlink_file(path: Path) -> bool:

@@ -54,8 +54,21 @@ def read_tree(target: Path) -> dict[str, bytes]:
     return tree
 
 
+def dir_files(root: Path) -> dict[str, bytes]:
+    """Every file under one snapshot directory, by relative path."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            out[str(path.relative_to(root))] = path.read_bytes()
+    return out
+
+
 def snapshot_dirs(target: Path) -> list[str]:
-    return sorted(n for n in os.listdir(target) if n.startswith("..") and n != "..data")
+    """Every ".." entry but the live link and the pool of empty files: snapshots and debris."""
+    return sorted(
+        n for n in os.listdir(target) if n.startswith("..") and n not in ("..data", "..pool")
+    )
 
 
 class EtcdServer:

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from helpers import read_tree, snapshot_dirs
+from helpers import dir_files, read_tree, snapshot_dirs
 
 from etcd_config_dispenser import snapshot
 from etcd_config_dispenser.keys import KeyTree
@@ -30,6 +30,12 @@ class Clock:
         return self.now
 
 
+def assert_only_kept(target: Path, writer: SnapshotWriter) -> None:
+    """No debris: every snapshot dir on disk is the live one or a spare the writer keeps."""
+    assert os.readlink(target / DATA_LINK) in writer.kept_dirs
+    assert sorted(snapshot_dirs(target)) == sorted(writer.kept_dirs)
+
+
 def make_writer(target: Path, **kwargs: object) -> SnapshotWriter:
     writer = SnapshotWriter(target, **kwargs)  # type: ignore[arg-type]
     writer.recover()
@@ -43,7 +49,7 @@ def publish(writer: SnapshotWriter, tree: KeyTree, revision: int, **edits: bytes
         path = name.replace("__", "/")
         changed |= tree.delete(path) if value is None else tree.put(path, value)
     result = writer.publish(tree.files, changed, revision)
-    writer.collect_garbage()
+    writer.finish()
     return result
 
 
@@ -54,7 +60,9 @@ def test_layout_after_first_publish(tmp_path: Path) -> None:
     assert publish(writer, tree, 42, cert=b"C", key=b"K", sub__c=b"nested")
     live = os.readlink(target / DATA_LINK)
     assert live.startswith("..") and live.endswith(".r42")
-    assert snapshot_dirs(target) == [live]
+    assert_only_kept(target, writer)
+    for name in snapshot_dirs(target):  # the live one, and a spare ready for the next change
+        assert dir_files(target / name) == {"cert": b"C", "key": b"K", "sub/c": b"nested"}
     for name in ("cert", "key", "sub"):
         assert os.readlink(target / name) == f"{DATA_LINK}/{name}"
     assert read_tree(target) == {"cert": b"C", "key": b"K", "sub/c": b"nested"}
@@ -158,7 +166,7 @@ def test_failed_flip_keeps_the_live_snapshot(
         writer.publish(tree.files, {"b"}, 2)
     monkeypatch.undo()
     assert os.readlink(target / DATA_LINK) == live
-    assert snapshot_dirs(target) == [live]
+    assert_only_kept(target, writer)
     assert read_tree(target) == {"a": b"1"}
     # The next publish, given the paths again, succeeds.
     assert writer.publish(tree.files, {"b"}, 3)
@@ -178,17 +186,17 @@ def test_failed_write_removes_the_half_built_directory(
     real_write = writer._write_file
     calls: list[Path] = []
 
-    def write_then_fail(dest: Path, value: bytes, fsync: bool) -> None:
+    def write_then_fail(dest: Path, value: bytes, fsync: bool, from_pool: bool = False) -> None:
         calls.append(dest)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(dest, value, fsync)
+        real_write(dest, value, fsync, from_pool)
 
     monkeypatch.setattr(writer, "_write_file", write_then_fail)
     with pytest.raises(SnapshotError, match="No space left"):
         writer.publish(tree.files, {"b", "c", "d"}, 2)
     assert os.readlink(target / DATA_LINK) == live
-    assert snapshot_dirs(target) == [live]
+    assert_only_kept(target, writer)
     assert read_tree(target) == {"a": b"1"}
 
 
@@ -210,9 +218,9 @@ def test_recover_removes_debris_and_keeps_the_live_snapshot(tmp_path: Path) -> N
     assert read_tree(target) == {"a": b"1", "sub/b": b"2"}  # still served
     # The first publish of the new process replaces it, links included.
     assert restarted.publish({"c": b"3"}, {"c"}, 3)
-    restarted.collect_garbage()
+    restarted.finish()
     assert read_tree(target) == {"c": b"3"}
-    assert snapshot_dirs(target) == [os.readlink(target / DATA_LINK)]
+    assert_only_kept(target, restarted)
 
 
 def test_recover_refuses_a_target_with_foreign_files(tmp_path: Path) -> None:
@@ -273,13 +281,4 @@ def test_fast_path_equals_a_full_rebuild(tmp_path: Path, seed: int) -> None:
         clock.now += rng.choice([0.1, 0.5, 2.0])
         for name in snapshot_dirs(target):  # every kept snapshot still holds its revision
             if name in history:
-                assert _dir_files(target / name) == history[name]
-
-
-def _dir_files(root: Path) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = Path(dirpath) / name
-            out[str(path.relative_to(root))] = path.read_bytes()
-    return out
+                assert dir_files(target / name) == history[name]
