@@ -36,7 +36,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     dispenser = Dispenser(
         source,
         writer,
-        notify=lambda: supervisor.send(options.signal),
+        notify=lambda: supervisor.notify(options.signal),
         backoff_max=options.backoff_max,
         once=options.once,
     )

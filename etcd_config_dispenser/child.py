@@ -34,6 +34,10 @@ TERMINATING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 HANDLED = FORWARDED | {signal.SIGCHLD}  # SIGCHLD is collected, never forwarded
 WAIT_STEP = 1.0  # seconds between checks when no signal arrives
 PR_SET_CHILD_SUBREAPER = 36
+# A signal in the child's first moments can kill it: nginx still parsing its
+# config has no SIGHUP handler yet, and SIGHUP's default action is to exit.
+# A change signalled sooner than this after the start waits until then.
+START_SETTLE = 1.0
 
 
 def block_signals() -> None:
@@ -70,6 +74,7 @@ class Supervisor:
         self.env = dict(env)
         self.kill_timeout = kill_timeout
         self.pid: int | None = None
+        self.started_at = 0.0
         self._lock = threading.Lock()  # guards pid against a concurrent reap
 
     def spawn(self) -> int | None:
@@ -92,8 +97,17 @@ class Supervisor:
             return 126
         with self._lock:
             self.pid = pid
+            self.started_at = time.monotonic()
         log.info("started child pid %d: %s", pid, " ".join(self.argv))
         return None
+
+    def notify(self, signum: int) -> None:
+        """Tell the child its files changed; within START_SETTLE of its start, wait until then.
+
+        Called from the sync thread only; forwarded signals go out at once.
+        """
+        time.sleep(max(0.0, self.started_at + START_SETTLE - time.monotonic()))
+        self.send(signum)
 
     def send(self, signum: int) -> None:
         """Send a signal to the child, if it is running. Safe from any thread."""

@@ -120,6 +120,8 @@ def load(environ: Mapping[str, str]) -> EtcdConfig:
             raise ConfigError("ETCD_USERNAME_AND_PASSWORD must be 'user:password'")
     if password and not username:
         raise ConfigError("ETCD_PASSWORD is set but ETCD_USERNAME is not")
+    if username and not password:
+        raise ConfigError("ETCD_USERNAME is set but ETCD_PASSWORD is not (or is empty)")
     server_ca = env_pem(environ, "ETCD_SERVER_CA")
     client_cert = env_pem(environ, "ETCD_CLIENT_CERT")
     client_key = env_pem(environ, "ETCD_CLIENT_KEY")

@@ -22,6 +22,12 @@ from .source import Batch, Compacted, EtcdSource, EtcdUnavailable
 log = logging.getLogger(__name__)
 
 HEALTHY_AFTER = 10.0  # a watch that lasted this long resets the backoff
+# A watch can hang silently: a dead connection (python-etcd3 issue 88), an
+# expired auth token (issue 1227), a frozen server. Every LIVENESS_INTERVAL a
+# cheap read must answer within LIVENESS_TIMEOUT, or the watch is cut and
+# everything is read again: a dead watch is noticed within about 5 s.
+LIVENESS_INTERVAL = 3.0
+LIVENESS_TIMEOUT = 2.0
 ONCE_ATTEMPTS = 4  # --once gives up after this many failed reads (about 3 s)
 
 
@@ -35,12 +41,14 @@ class Dispenser:
         notify: Callable[[], None],
         backoff_max: float = 30.0,
         once: bool = False,
+        liveness_interval: float = LIVENESS_INTERVAL,
     ) -> None:
         self.source = source
         self.writer = writer
         self.notify = notify
         self.backoff_max = backoff_max
         self.once = once
+        self.liveness_interval = liveness_interval
         self.tree = KeyTree()
         self.revision = 0
         self.first_sync = threading.Event()
@@ -124,6 +132,11 @@ class Dispenser:
         if self.once:
             return
         started = time.monotonic()
+        watching = threading.Event()
+        watchdog = threading.Thread(
+            target=self._check_liveness, args=(watching,), name="liveness", daemon=True
+        )
+        watchdog.start()
         try:
             for batch in self.source.watch(revision + 1):
                 self._apply(batch)
@@ -133,6 +146,19 @@ class Dispenser:
             if self.stopping.is_set() or time.monotonic() - started < HEALTHY_AFTER:
                 raise
             log.warning("etcd watch failed: %s; reconnecting", err)
+        finally:
+            watching.set()
+
+    def _check_liveness(self, done: threading.Event) -> None:
+        """While the watch runs: cut it if etcd stops answering a cheap read."""
+        while not done.wait(self.liveness_interval):
+            try:
+                self.source.check(LIVENESS_TIMEOUT)
+            except EtcdUnavailable as err:
+                if not done.is_set():
+                    log.warning("etcd liveness check failed: %s; restarting the watch", err)
+                    self.source.interrupt()
+                return
 
     # -- one step -----------------------------------------------------------
 

@@ -69,9 +69,12 @@ class SnapshotError(OSError):
 
 
 def dir_mode(file_mode: int) -> int:
-    """Directories get x wherever r is set: 0600 -> 0700, 0644 -> 0755."""
+    """Directories get x wherever r is set, and the owner always rwx: 0600 -> 0700,
+    0644 -> 0755, 0440 -> 0750. Without owner write a read-only --mode would
+    lock the dispenser itself out of its directories when it is not root.
+    """
     mode = file_mode & 0o777
-    return mode | ((mode & 0o444) >> 2)
+    return mode | ((mode & 0o444) >> 2) | 0o700
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -128,11 +131,13 @@ class SnapshotWriter:
         self._live: _Snapshot | None = None
         self._live_paths: set[str] = set()
         self._spares: list[_Snapshot] = []
-        self._unknown: list[str] = []  # snapshot dirs from before this process; removed by gc
+        self._unknown: list[str] = []  # the live snapshot of a previous process
+        self._unknown_retired_at = 0.0
         self._journal: list[Collection[str]] = []  # journal[i]: paths changed by publish i
         self._journal_base = 0  # publish number of journal[0]
         self._top_counts: Counter[str] = Counter()
         self._links: set[str] = set()
+        self._links_dirty = False  # a link update failed: reconcile all next time
         self._pool: list[str] = []  # names of empty files in ..pool
         self._pool_serial = 0
 
@@ -229,9 +234,19 @@ class SnapshotWriter:
         if self._live is not None:
             self._live.retired_at = self.clock()
             self._spares.append(self._live)
+        else:
+            self._unknown_retired_at = self.clock()
         self._journal.append(() if first else set(changed))  # no dir predates the first
         self._live = _Snapshot(name, self._seq, revision)
-        self._update_links(files, None if first else changed)  # (6)
+        affected = self._track(files, None if first else changed)
+        try:  # (6)
+            self._sync_links(
+                affected | (self._top_counts.keys() | self._links if self._links_dirty else set())
+            )
+            self._links_dirty = False
+        except OSError as err:  # the snapshot is live; the links are mended next time
+            self._links_dirty = True
+            log.warning("r%d: could not update the top-level links: %s", revision, err)
         return True
 
     def _new_name(self, revision: int) -> str:
@@ -309,6 +324,10 @@ class SnapshotWriter:
                 view = view[os.write(fd, view) :]
             if fsync:
                 os.fsync(fd)
+        except OSError:
+            if pooled is not None:
+                _unlink_file(pooled)
+            raise
         finally:
             os.close(fd)
         if pooled is not None:
@@ -356,26 +375,29 @@ class SnapshotWriter:
             directory = directory.parent
             dirs.add(directory)
 
-    def _update_links(self, files: Mapping[str, bytes], changed: Collection[str] | None) -> None:
-        """Keep one ``name -> ..data/name`` link per top-level name that has files."""
+    def _track(self, files: Mapping[str, bytes], changed: Collection[str] | None) -> set[str]:
+        """Update the live paths and per-name counts (memory only); the top names affected."""
         if changed is None:
             self._live_paths = set(files)
             self._top_counts = Counter(top_level(p) for p in self._live_paths)
-            affected = set(self._top_counts) | self._links
-        else:
-            affected = set()
-            for rel in changed:
-                was, now = rel in self._live_paths, rel in files
-                if was == now:
-                    continue
-                top = top_level(rel)
-                affected.add(top)
-                if now:
-                    self._live_paths.add(rel)
-                    self._top_counts[top] += 1
-                else:
-                    self._live_paths.discard(rel)
-                    self._top_counts[top] -= 1
+            return set(self._top_counts) | self._links
+        affected = set()
+        for rel in changed:
+            was, now = rel in self._live_paths, rel in files
+            if was == now:
+                continue
+            top = top_level(rel)
+            affected.add(top)
+            if now:
+                self._live_paths.add(rel)
+                self._top_counts[top] += 1
+            else:
+                self._live_paths.discard(rel)
+                self._top_counts[top] -= 1
+        return affected
+
+    def _sync_links(self, affected: set[str]) -> None:
+        """Keep one ``name -> ..data/name`` link per top-level name that has files."""
         for top in affected:
             link = self.target / top
             if self._top_counts[top] > 0 and top not in self._links:
@@ -400,7 +422,13 @@ class SnapshotWriter:
         ready for the next change: empty files and a spare snapshot. Errors
         in cleaning are logged and the rest still runs.
         """
-        _fsync_dir(self.target)
+        try:
+            _fsync_dir(self.target)
+        except OSError as err:
+            log.warning("could not make the flip durable: %s", err)
+        if self._unknown:
+            # The previous process's snapshot gets the same grace as any other.
+            time.sleep(max(0.0, self.grace - (self.clock() - self._unknown_retired_at)))
         now = self.clock()
         excess = len(self._spares) - MAX_SPARES
         doomed = list(self._unknown)

@@ -28,12 +28,17 @@ log = logging.getLogger(__name__)
 
 # Ask the server for a ping answer every 10 s and give up after 5 s more: a
 # dead TCP connection is noticed in about 15 s instead of never. etcd refuses
-# pings more often than every 5 s (--grpc-keepalive-min-time).
+# pings more often than every 5 s (--grpc-keepalive-min-time). With grpcio
+# 1.8x the ping timeout that applies is http2.ping_timeout_ms (default 60 s).
 GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.max_receive_message_length", -1),  # a 10,000-key range is ~10 MiB
 ]
+# etcd's WithRequireLeader: a member cut off from its cluster cancels the watch
+# instead of keeping a stale one open.
+REQUIRE_LEADER = (("hasleader", "true"),)
 DELETE = kv_pb2.Event.DELETE
 
 
@@ -96,6 +101,7 @@ class EtcdSource:
         self._index = 0
         self._client: _Client | None = None
         self._stream: Any = None
+        self._interrupted = False  # interrupt() came while no stream was open
         self._lock = threading.Lock()
 
     @property
@@ -135,16 +141,22 @@ class EtcdSource:
             raise self._fail(err) from None
         return response.header.revision, [(kv.key, kv.value) for kv in response.kvs]
 
-    def check(self) -> int:
-        """A cheap read that proves the connection and the token still work; the revision."""
-        client = self._require_client()
+    def check(self, timeout: float) -> int:
+        """A cheap read that proves the connection and the token still work; the revision.
+
+        Safe to call from another thread while ``watch`` runs (gRPC channels
+        are thread-safe); it does not move to another endpoint by itself.
+        """
+        client = self._client
+        if client is None:
+            raise EtcdUnavailable("not connected")
         request = rpc.RangeRequest(
             key=self.prefix, range_end=range_end(self.prefix), count_only=True
         )
         try:
-            response = client.kvstub.Range(request, self.timeout, metadata=client.metadata)
-        except grpc.RpcError as err:
-            raise self._fail(err) from None
+            response = client.kvstub.Range(request, timeout, metadata=client.metadata)
+        except (grpc.RpcError, ValueError) as err:  # ValueError: channel closed meanwhile
+            raise EtcdUnavailable(describe(err, self.endpoint)) from None
         return int(response.header.revision)
 
     def watch(self, start_revision: int) -> Iterator[Batch]:
@@ -160,9 +172,13 @@ class EtcdSource:
         )
         requests.put(rpc.WatchRequest(create_request=create))
         stub = rpc.WatchStub(client.channel)
-        stream = stub.Watch(iter(requests.get, None), metadata=client.metadata)
+        metadata = tuple(client.metadata or ()) + REQUIRE_LEADER
+        stream = stub.Watch(iter(requests.get, None), metadata=metadata)
         with self._lock:
             self._stream = stream
+            if self._interrupted:  # asked to stop before the stream existed
+                self._interrupted = False
+                stream.cancel()
         try:
             for response in stream:
                 if response.compact_revision:
@@ -188,10 +204,12 @@ class EtcdSource:
         raise EtcdUnavailable(f"{self.endpoint}: watch stream ended")
 
     def interrupt(self) -> None:
-        """Cut the current watch stream (from another thread): the watch raises."""
+        """Cut the current watch stream, or the next one if none is open (any thread)."""
         with self._lock:
             if self._stream is not None:
                 self._stream.cancel()
+            else:
+                self._interrupted = True
 
     def _require_client(self) -> _Client:
         if self._client is None:

@@ -33,9 +33,16 @@ while True:
 """
 
 
-def start(*command: str, kill_timeout: float = 5.0) -> subprocess.Popen[str]:
+def start(*command: str, kill_timeout: float = 5.0, hup_now: bool = False) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, str(HARNESS), str(kill_timeout), "--", *command],
+        [
+            sys.executable,
+            str(HARNESS),
+            str(kill_timeout),
+            *(["hup-now"] if hup_now else []),
+            "--",
+            *command,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -130,5 +137,18 @@ def test_orphaned_zombies_are_reaped(tmp_path: Path) -> None:
 
     time.sleep(0.3)  # the orphans exit after 0.1 s; reaping happens within a second
     busy_wait(orphans_gone, timeout=5)
+    proc.terminate()
+    assert proc.wait(10) == 128 + signal.SIGTERM
+
+
+def test_a_signal_right_after_the_start_waits_for_the_child_to_settle() -> None:
+    """A child that installs its SIGHUP handler 0.3 s in would die of an early SIGHUP."""
+    proc = start(
+        "sh", "-c", "sleep 0.3; trap 'echo got HUP' HUP; echo ready; sleep 2 & wait; sleep 2",
+        hup_now=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().strip() == "got HUP"
     proc.terminate()
     assert proc.wait(10) == 128 + signal.SIGTERM

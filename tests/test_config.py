@@ -42,6 +42,8 @@ def test_endpoints(text: str, endpoints: tuple[Endpoint, ...]) -> None:
         ({"ETCD_ENDPOINTS": "h:notaport"}, "invalid port"),
         ({"ETCD_ENDPOINTS": ","}, "names no endpoint"),
         ({"ETCD_PASSWORD": "p"}, "ETCD_USERNAME is not"),
+        ({"ETCD_USERNAME": "u"}, "ETCD_PASSWORD is not"),
+        ({"ETCD_USERNAME_AND_PASSWORD": "u:"}, "ETCD_PASSWORD is not"),
         ({"ETCD_USERNAME_AND_PASSWORD": "nocolon"}, "user:password"),
         ({"ETCD_USERNAME_AND_PASSWORD": "u:p", "ETCD_USERNAME": "u"}, "both set"),
         ({"ETCD_INSECURE_SKIP_VERIFY": "maybe"}, "invalid bool env ETCD_INSECURE_SKIP_VERIFY"),

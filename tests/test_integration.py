@@ -250,8 +250,10 @@ def test_kill_9_while_writing_then_restart(
         wait_tree(target, after, restarted)
         busy_wait(lambda: not left & set(snapshot_dirs(target)))  # noqa: B023
         assert os.readlink(target / "..data") in snapshot_dirs(target)
-        for name in snapshot_dirs(target):  # the live one and the spare: whole copies
-            assert dir_files(target / name) == after
+        # The live one and the spare prepared after it (in the background): whole copies.
+        busy_wait(
+            lambda: all(dir_files(target / n) == after for n in snapshot_dirs(target))  # noqa: B023
+        )
         assert not (target / "..data_tmp").is_symlink()
         assert restarted.stop() == 0
     assert caught_half_built >= 1

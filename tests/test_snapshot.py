@@ -101,7 +101,10 @@ def test_values_are_byte_exact(tmp_path: Path) -> None:
     assert read_tree(target) == {"der": der, "empty": b"", "crlf": b"a\r\nb\r\n"}
 
 
-@pytest.mark.parametrize("mode, expected_dir", [(0o600, 0o700), (0o644, 0o755), (0o640, 0o750)])
+@pytest.mark.parametrize(
+    "mode, expected_dir",
+    [(0o600, 0o700), (0o644, 0o755), (0o640, 0o750), (0o400, 0o700), (0o444, 0o755)],
+)
 def test_modes_ignore_the_umask(tmp_path: Path, mode: int, expected_dir: int) -> None:
     assert dir_mode(mode) == expected_dir
     old = os.umask(0o077)
