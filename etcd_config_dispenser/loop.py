@@ -128,6 +128,7 @@ class Dispenser:
             return
         self.source.connect()
         revision, kvs = self.source.read_all()
+        log.info("r%d: connected to %s", revision, self.source.endpoint)
         self._resync(revision, kvs)
         if self.once:
             return

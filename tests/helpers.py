@@ -74,10 +74,18 @@ def snapshot_dirs(target: Path) -> list[str]:
 class EtcdServer:
     """One etcd member on free loopback ports with its own data dir; stopped by its pid."""
 
-    def __init__(self, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        extra_args: Sequence[str] = (),
+        name: str = "t",
+        peer_port: int | None = None,
+        initial_cluster: str | None = None,
+    ) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="etcd-test-"))
         self.client_port = free_port()
-        self.peer_port = free_port()
+        self.peer_port = peer_port or free_port()
+        self.name = name
+        self.initial_cluster = initial_cluster or f"{name}=http://127.0.0.1:{self.peer_port}"
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -85,7 +93,7 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
-    def start(self) -> EtcdServer:
+    def start(self, wait: bool = True) -> EtcdServer:
         client_url = f"http://127.0.0.1:{self.client_port}"
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         log = open(self.data_dir / "etcd.log", "ab")  # noqa: SIM115 - lives with the process
@@ -93,19 +101,20 @@ class EtcdServer:
             [
                 ETCD,
                 "--data-dir", str(self.data_dir / "data"),
-                "--name", "t",
+                "--name", self.name,
                 "--listen-client-urls", client_url,
                 "--advertise-client-urls", client_url,
                 "--listen-peer-urls", peer_url,
                 "--initial-advertise-peer-urls", peer_url,
-                "--initial-cluster", f"t={peer_url}",
+                "--initial-cluster", self.initial_cluster,
                 *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()
-        busy_wait(self.healthy, timeout=20)
+        if wait:
+            busy_wait(self.healthy, timeout=20)
         return self
 
     def healthy(self) -> bool:
@@ -175,3 +184,18 @@ class DispenserProcess:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"dispenser did not exit on {signum}:\n{self.log()}") from None
+
+
+def start_cluster(size: int = 3) -> list[EtcdServer]:
+    """A real etcd cluster of ``size`` members on loopback, started together."""
+    peers = [free_port() for _ in range(size)]
+    initial = ",".join(f"m{i}=http://127.0.0.1:{port}" for i, port in enumerate(peers))
+    members = [
+        EtcdServer(name=f"m{i}", peer_port=port, initial_cluster=initial)
+        for i, port in enumerate(peers)
+    ]
+    for member in members:
+        member.start(wait=False)
+    for member in members:
+        busy_wait(member.healthy, timeout=30)
+    return members

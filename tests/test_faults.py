@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import DispenserProcess, EtcdServer, busy_wait, read_tree
+from helpers import DispenserProcess, EtcdServer, busy_wait, read_tree, start_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -295,3 +295,28 @@ def test_auth_permission_revoked(
     etcdctl(server, "put", "/certs/a", "2")
     w.wait_tree({"a": b"2"})
     assert w.starts() == 1
+
+
+def test_member_in_use_dies_and_another_takes_over(watched: Callable[..., Watched]) -> None:
+    members = start_cluster(3)
+    try:
+        client = members[1].client()
+        client.put("/certs/a", "1")
+        w = watched(",".join(m.endpoint for m in members))
+        w.wait_tree({"a": b"1"})
+        in_use = next(m for m in members if f"connected to http://{m.endpoint}" in w.proc.log())
+        w.sample_while({"a": b"1"}, {"a": b"2"})
+        in_use.stop()
+        survivor = next(m for m in members if m is not in_use)
+        survivor.client().put("/certs/a", "2")
+        w.wait_tree({"a": b"2"})
+        w.stop_sampling()
+        busy_wait(lambda: w.signals() == 1)
+        log = w.proc.log()
+        assert log.count("connected to") >= 2  # it moved to another member
+        assert w.starts() == 1
+        time.sleep(0.5)
+        assert w.signals() == 1  # one change, one signal, however many reconnects
+    finally:
+        for member in members:
+            member.cleanup()

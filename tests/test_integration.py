@@ -257,3 +257,18 @@ def test_kill_9_while_writing_then_restart(
         assert not (target / "..data_tmp").is_symlink()
         assert restarted.stop() == 0
     assert caught_half_built >= 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing the owner needs root")
+def test_owner_group_and_mode_of_files_and_directories(
+    etcd: object, prefix: str, target: Path, dispenser: Start
+) -> None:
+    etcd.put(prefix + "sub/f", b"x")  # type: ignore[attr-defined]
+    etcd.put(prefix + "g", b"y")  # type: ignore[attr-defined]
+    proc = dispenser("--once", "--owner=65534", "--group=nogroup", "--mode=0640")
+    assert proc.wait() == 0, proc.log()
+    data = target / "..data"
+    for path, mode in [(data / "g", 0o640), (data / "sub" / "f", 0o640), (data / "sub", 0o750)]:
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, mode), path
+    assert os.stat(data).st_uid == 65534
