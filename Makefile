@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh Debian machine:
-#   make demo   a local etcd, the dispenser, a child that sees every change
+#   make demo   a local etcd, the dispenser as nginx's entrypoint, a TLS certificate rotated
 #   make test   the whole test suite against a real etcd (and nginx)
 # Both install what they need first (system packages need root).
 
@@ -43,7 +43,7 @@ lint: install
 	$(BIN)/mypy
 
 demo: deps install
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py
 
 bench: deps install
 	$(BIN)/python scripts/bench.py

@@ -199,3 +199,67 @@ def start_cluster(size: int = 3) -> list[EtcdServer]:
     for member in members:
         busy_wait(member.healthy, timeout=30)
     return members
+
+
+def make_cert(common_name: str, workdir: Path) -> tuple[bytes, bytes]:
+    """A self-signed EC certificate and its key (PEM), made by openssl in milliseconds."""
+    key, cert = workdir / f"{common_name}.key", workdir / f"{common_name}.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", f"/CN={common_name}", "-keyout", str(key),
+         "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert.read_bytes(), key.read_bytes()
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def write_nginx_conf(workdir: Path, port: int, target: Path, name: str = "example.com") -> Path:
+    """An unprivileged nginx serving TLS on 127.0.0.1:port with the dispensed certificate."""
+    (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+    conf = workdir / "nginx.conf"
+    temp = "\n".join(
+        f"  {kind}_temp_path {workdir}/tmp/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf.write_text(f"""
+worker_processes 1;
+error_log {workdir}/error.log info;
+pid {workdir}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+{temp}
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {target}/{name}-fullchain.pem;
+    ssl_certificate_key {target}/{name}-key.pem;
+    location / {{ return 200 "hello from nginx\\n"; }}
+  }}
+}}
+""")
+    return conf
+
+
+def nginx_command(workdir: Path, conf: Path) -> list[str]:
+    return [NGINX, "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
+
+
+def served_cert(port: int) -> str | None:
+    """The certificate nginx presents now (PEM), or None if no handshake completes."""
+    import ssl
+
+    try:
+        return ssl.get_server_certificate(("127.0.0.1", port), timeout=2)
+    except OSError:
+        return None
+
+
+def same_cert(a: bytes | str | None, b: bytes | str | None) -> bool:
+    def norm(pem: bytes | str | None) -> str:
+        text = pem.decode() if isinstance(pem, bytes) else (pem or "")
+        return "".join(text.split())
+
+    return a is not None and b is not None and norm(a) == norm(b)

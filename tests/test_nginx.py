@@ -1,0 +1,96 @@
+"""End to end with a real nginx: the dispenser is its entrypoint, etcd rotates its certificate."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import (
+    DispenserProcess,
+    busy_wait,
+    free_port,
+    make_cert,
+    nginx_command,
+    same_cert,
+    served_cert,
+    write_nginx_conf,
+)
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., DispenserProcess]
+CERT, KEY = "example.com-fullchain.pem", "example.com-key.pem"
+
+
+def put_pair(etcd: object, prefix: str, cert: bytes, key: bytes) -> None:
+    """Certificate and key in one transaction, flat names, as letsencrypt-with-etcd writes them."""
+    etcd.transaction(  # type: ignore[attr-defined]
+        compare=[],
+        success=[etcd.transactions.put(prefix + CERT, cert),  # type: ignore[attr-defined]
+                 etcd.transactions.put(prefix + KEY, key)],  # type: ignore[attr-defined]
+        failure=[],
+    )  # fmt: skip
+
+
+def master_pid(workdir: Path) -> int:
+    return int((workdir / "nginx.pid").read_text())
+
+
+def test_certificate_rotation_reaches_nginx_without_restart(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    certs = [make_cert(f"rotation-{i}", tmp_path) for i in range(6)]
+    put_pair(etcd, prefix, *certs[0])
+    port = free_port()
+    workdir = tmp_path / "nginx"
+    conf = write_nginx_conf(workdir, port, target)
+    proc = dispenser(command=nginx_command(workdir, conf))
+    busy_wait(lambda: same_cert(served_cert(port), certs[0][0]), timeout=20)
+    pid = master_pid(workdir)
+    assert pid == int(proc.log().split("started child pid ")[1].split(":")[0])
+
+    # While certificates rotate, every handshake must succeed with one of them:
+    # nginx refuses a certificate with the wrong key, so a torn pair would show
+    # as a failed reload (logged) and the old certificate kept.
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def handshake_all_along() -> None:
+        while not stop.is_set():
+            pem = served_cert(port)
+            if not any(same_cert(pem, cert) for cert, _ in certs):
+                failures.append(str(pem))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=handshake_all_along, daemon=True)
+    sampler.start()
+    for cert, key in certs[1:]:
+        put_pair(etcd, prefix, cert, key)
+        busy_wait(lambda: same_cert(served_cert(port), cert), timeout=20)  # noqa: B023
+    stop.set()
+    sampler.join()
+
+    assert not failures, failures[:3]
+    assert master_pid(workdir) == pid  # reloaded, never restarted
+    error_log = (workdir / "error.log").read_text()
+    assert "key values mismatch" not in error_log and "[emerg]" not in error_log
+    # One SIGHUP per rotation, each from the dispenser.
+    assert error_log.count("signal 1 (SIGHUP) received") == len(certs) - 1
+    assert error_log.count(f"signal 1 (SIGHUP) received from {proc.pid},") == len(certs) - 1
+    assert proc.stop() == 0  # nginx exits 0 on the forwarded SIGTERM
+
+
+def test_nginx_stops_with_the_dispenser_and_its_code(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    put_pair(etcd, prefix, *make_cert("stop", tmp_path))
+    port = free_port()
+    workdir = tmp_path / "nginx"
+    proc = dispenser(command=nginx_command(workdir, write_nginx_conf(workdir, port, target)))
+    busy_wait(lambda: served_cert(port) is not None, timeout=20)
+    assert proc.stop(signal.SIGQUIT) == 0  # graceful shutdown, forwarded
+    assert served_cert(port) is None
