@@ -69,6 +69,4 @@ def dispenser(
 
     yield start
     for proc in started:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait()
+        proc.cleanup()

@@ -175,6 +175,16 @@ class DispenserProcess:
     def wait(self, timeout: float = 15.0) -> int:
         return self.proc.wait(timeout)
 
+    def cleanup(self) -> None:
+        """For teardown: SIGTERM (the dispenser stops its child), SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)

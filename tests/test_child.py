@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,24 @@ while True:
 """
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_harnesses() -> Iterator[None]:
+    """Even when a test fails midway: SIGTERM (forwarded to the child), then SIGKILL."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def start(*command: str, kill_timeout: float = 5.0, hup_now: bool = False) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [
@@ -47,6 +66,7 @@ def start(*command: str, kill_timeout: float = 5.0, hup_now: bool = False) -> su
         stderr=subprocess.PIPE,
         text=True,
     )
+    _started.append(proc)
     return proc
 
 

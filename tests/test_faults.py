@@ -120,9 +120,7 @@ def watched(tmp_path: Path, target: Path) -> Iterator[Callable[..., Watched]]:
 
     yield start
     for proc in procs:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait()
+        proc.cleanup()
 
 
 def test_etcd_killed_and_restarted(
