@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,12 +70,47 @@ class Batch:
     changes: list[Change]
 
 
+@dataclass(frozen=True)
+class _Tls:
+    root: bytes | None  # None: the system's CA bundle
+    key: bytes | None
+    chain: bytes | None
+
+
 class _Client(etcd3.Etcd3Client):  # type: ignore[misc]
     """etcd3's client, taking PEM bytes instead of file names for TLS."""
 
     def _get_secure_creds(self, ca_cert: Any, cert_key: Any = None, cert_cert: Any = None) -> Any:
-        config: EtcdConfig = ca_cert
-        return grpc.ssl_channel_credentials(config.server_ca, config.client_key, config.client_cert)
+        tls: _Tls = ca_cert
+        return grpc.ssl_channel_credentials(tls.root, tls.key, tls.chain)
+
+
+def fetch_server_certificate(host: str, port: int, timeout: float) -> tuple[bytes, list[str]]:
+    """The certificate a TLS server presents, unverified, and the names it is for.
+
+    For ETCD_INSECURE_SKIP_VERIFY: gRPC cannot turn verification off, but it
+    accepts any certificate as a trust anchor, so the server's own leaf is
+    trusted on first use. A second handshake, verified against that leaf
+    alone, reads its names (Python parses a certificate only when verified).
+    """
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    plain.check_hostname = False
+    plain.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout) as raw, plain.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    pem = ssl.DER_cert_to_PEM_cert(der)
+    itself = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    itself.check_hostname = False
+    itself.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    itself.load_verify_locations(cadata=pem)
+    with socket.create_connection((host, port), timeout) as raw, itself.wrap_socket(raw) as tls:
+        info: dict[str, Any] = dict(tls.getpeercert() or {})
+    sans: list[tuple[str, str]] = list(info.get("subjectAltName", ()))
+    subject: list[list[tuple[str, str]]] = [list(rdn) for rdn in info.get("subject", ())]
+    names = [value for kind, value in sans if kind in ("DNS", "IP Address")]
+    names += [value for rdn in subject for kind, value in rdn if kind == "commonName"]
+    return pem.encode(), names
 
 
 def describe(err: BaseException, endpoint: Endpoint | None = None) -> str:
@@ -112,19 +149,36 @@ class EtcdSource:
         """(Re)connect and authenticate; after a failure the next call tries the next endpoint."""
         self.close()
         endpoint = self.endpoint
+        options = list(GRPC_OPTIONS)
         try:
+            tls = self._tls(endpoint, options) if endpoint.tls else None
             self._client = _Client(
                 host=endpoint.host,
                 port=endpoint.port,
-                ca_cert=self.config if endpoint.tls else None,
+                ca_cert=tls,
                 timeout=self.timeout,
                 user=self.config.username,
                 password=self.config.password,
-                grpc_options=GRPC_OPTIONS,
+                grpc_options=options,
             )
-        except grpc.RpcError as err:
+        except (grpc.RpcError, OSError) as err:
             self._index += 1
             raise EtcdUnavailable(describe(err, endpoint)) from None
+
+    def _tls(self, endpoint: Endpoint, options: list[tuple[str, Any]]) -> _Tls:
+        config = self.config
+        if not config.insecure_skip_verify:
+            return _Tls(config.server_ca, config.client_key, config.client_cert)
+        root, names = fetch_server_certificate(endpoint.host, endpoint.port, self.timeout)
+        log.warning(
+            "ETCD_INSECURE_SKIP_VERIFY: trusting the certificate %s presents (for %s) "
+            "WITHOUT verification",
+            endpoint,
+            ", ".join(names) or "no name",
+        )
+        if names and endpoint.host not in names:
+            options.append(("grpc.ssl_target_name_override", names[0]))
+        return _Tls(root, config.client_key, config.client_cert)
 
     def _fail(self, err: BaseException) -> EtcdUnavailable:
         endpoint = self.endpoint

@@ -6,12 +6,14 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import etcd3
@@ -71,6 +73,46 @@ def snapshot_dirs(target: Path) -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls(workdir: Path, name: str = "test") -> TlsFiles:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, by openssl.
+
+    The server certificate also allows clientAuth: etcd 3.4 uses it to call its
+    own client URL for the JSON gateway.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=workdir)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+        "-subj", f"/CN={name}-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    for who, usage, san in [
+        ("server", "serverAuth,clientAuth", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"),
+        ("client", "clientAuth", ""),
+    ]:
+        (workdir / f"{who}.ext").write_text(
+            f"{san}extendedKeyUsage={usage}\nkeyUsage=critical,digitalSignature\n"
+        )
+        run("req", "-new", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr",
+            "-subj", f"/CN={name}-{who}")  # fmt: skip
+        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", f"{who}.ext",
+            "-out", f"{who}.crt")  # fmt: skip
+    names = ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")
+    return TlsFiles(*(workdir / n for n in names))
+
+
 class EtcdServer:
     """One etcd member on free loopback ports with its own data dir; stopped by its pid."""
 
@@ -80,6 +122,8 @@ class EtcdServer:
         name: str = "t",
         peer_port: int | None = None,
         initial_cluster: str | None = None,
+        tls: TlsFiles | None = None,
+        also_listen: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="etcd-test-"))
         self.client_port = free_port()
@@ -87,14 +131,25 @@ class EtcdServer:
         self.name = name
         self.initial_cluster = initial_cluster or f"{name}=http://127.0.0.1:{self.peer_port}"
         self.extra_args = list(extra_args)
+        self.tls = tls
+        self.also_listen = list(also_listen)  # more loopback addresses, same port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+
     def start(self, wait: bool = True) -> EtcdServer:
-        client_url = f"http://127.0.0.1:{self.client_port}"
+        client_url = self.url
+        tls_args = []
+        if self.tls:
+            tls_args = ["--cert-file", str(self.tls.server_cert), "--key-file",
+                        str(self.tls.server_key), "--client-cert-auth",
+                        "--trusted-ca-file", str(self.tls.ca)]  # fmt: skip
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         log = open(self.data_dir / "etcd.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
@@ -102,11 +157,13 @@ class EtcdServer:
                 ETCD,
                 "--data-dir", str(self.data_dir / "data"),
                 "--name", self.name,
-                "--listen-client-urls", client_url,
+                "--listen-client-urls", ",".join([client_url] + [
+                    client_url.replace("127.0.0.1", host) for host in self.also_listen]),
                 "--advertise-client-urls", client_url,
                 "--listen-peer-urls", peer_url,
                 "--initial-advertise-peer-urls", peer_url,
                 "--initial-cluster", self.initial_cluster,
+                *tls_args,
                 *self.extra_args,
             ],
             stdout=log,
@@ -121,10 +178,13 @@ class EtcdServer:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"etcd exited: {(self.data_dir / 'etcd.log').read_text()[-2000:]}")
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
         try:
-            url = f"http://127.0.0.1:{self.client_port}/health"
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return b'"health":"true"' in response.read()
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1, context=context) as resp:
+                return b'"health":"true"' in resp.read()
         except OSError:
             return False
 
@@ -139,6 +199,11 @@ class EtcdServer:
         self.proc = None
 
     def client(self) -> etcd3.Etcd3Client:
+        if self.tls:
+            return etcd3.client(
+                host="127.0.0.1", port=self.client_port, timeout=5, ca_cert=str(self.tls.ca),
+                cert_key=str(self.tls.client_key), cert_cert=str(self.tls.client_cert),
+            )  # fmt: skip
         return etcd3.client(host="127.0.0.1", port=self.client_port, timeout=5)
 
     def cleanup(self) -> None:
