@@ -41,6 +41,7 @@ GRPC_OPTIONS = [
 # etcd's WithRequireLeader: a member cut off from its cluster cancels the watch
 # instead of keeping a stale one open.
 REQUIRE_LEADER = (("hasleader", "true"),)
+READ_PAGE = 1000  # keys per range request in a full read
 DELETE = kv_pb2.Event.DELETE
 
 
@@ -186,14 +187,27 @@ class EtcdSource:
         return EtcdUnavailable(describe(err, endpoint))
 
     def read_all(self) -> tuple[int, list[tuple[bytes, bytes]]]:
-        """Every key under the prefix and the revision they are all at (one range)."""
+        """Every key under the prefix and the one revision they are all at.
+
+        Read in pages of READ_PAGE keys, every page after the first pinned to
+        the first one's revision, so the result is one consistent view while
+        only one page is in memory twice (as protobuf and as Python objects).
+        """
         client = self._require_client()
-        request = rpc.RangeRequest(key=self.prefix, range_end=range_end(self.prefix))
-        try:
-            response = client.kvstub.Range(request, self.timeout, metadata=client.metadata)
-        except grpc.RpcError as err:
-            raise self._fail(err) from None
-        return response.header.revision, [(kv.key, kv.value) for kv in response.kvs]
+        end = range_end(self.prefix)
+        start, revision = self.prefix, 0
+        items: list[tuple[bytes, bytes]] = []
+        while True:
+            request = rpc.RangeRequest(key=start, range_end=end, limit=READ_PAGE, revision=revision)
+            try:
+                response = client.kvstub.Range(request, self.timeout, metadata=client.metadata)
+            except grpc.RpcError as err:
+                raise self._fail(err) from None
+            revision = revision or int(response.header.revision)
+            items.extend((kv.key, kv.value) for kv in response.kvs)
+            if not response.more or not response.kvs:
+                return revision, items
+            start = response.kvs[-1].key + b"\0"
 
     def check(self, timeout: float) -> int:
         """A cheap read that proves the connection and the token still work; the revision.
