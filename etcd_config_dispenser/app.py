@@ -39,6 +39,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         notify=lambda: supervisor.notify(options.signal),
         backoff_max=options.backoff_max,
         once=options.once,
+        wait=options.wait,
     )
     log.info(
         "syncing prefix %r from %s into %s",

@@ -26,6 +26,10 @@ Options:
                          [default: 10].
   --backoff-max=SECS     Longest wait between retries while etcd is
                          unavailable [default: 30].
+  -w, --wait=MIN[:MAX]   After a change, wait until MIN passed without
+                         another (at most MAX, default 4*MIN), then write
+                         all of them as one snapshot with one signal:
+                         "2s", "500ms:5s". Default: every change at once.
   --log-level=LEVEL      debug, info, warning or error [default: info].
   -h, --help             Show this help.
   --version              Show the version.
@@ -83,6 +87,7 @@ class Options:
     once: bool
     kill_timeout: float
     backoff_max: float
+    wait: tuple[float, float] | None
     log_level: str
     command: list[str]
 
@@ -136,6 +141,35 @@ def parse_seconds(text: str, flag: str) -> float:
     return seconds
 
 
+def parse_duration(text: str, flag: str) -> float:
+    """'500ms', '2s', '1m' or a number of seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    number, unit = text, "s"
+    for suffix in ("ms", "s", "m"):
+        if text.endswith(suffix):
+            number, unit = text[: -len(suffix)], suffix
+            break
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 86400:
+        raise UsageError(f"{flag}: {text!r} is not a duration like 500ms, 2s or 1m")
+    return seconds
+
+
+def parse_wait(text: str | None) -> tuple[float, float] | None:
+    """consul-template's wait: 'MIN' or 'MIN:MAX'; MAX defaults to 4*MIN."""
+    if text is None:
+        return None
+    low_text, _, high_text = text.partition(":")
+    low = parse_duration(low_text, "--wait")
+    high = parse_duration(high_text, "--wait") if high_text else 4 * low
+    if high < low or low <= 0:
+        raise UsageError(f"--wait: {text!r} needs 0 < MIN <= MAX")
+    return low, high
+
+
 def parse_args(argv: list[str] | None) -> Options:
     """The docopt usage above is the one source of the flags; raise UsageError."""
     try:
@@ -165,6 +199,7 @@ def parse_args(argv: list[str] | None) -> Options:
         once=args["--once"],
         kill_timeout=parse_seconds(args["--kill-timeout"], "--kill-timeout"),
         backoff_max=parse_seconds(args["--backoff-max"], "--backoff-max"),
+        wait=parse_wait(args["--wait"]),
         log_level=level,
         command=args["CMD"],
     )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import tenacity
 
@@ -42,6 +43,7 @@ class Dispenser:
         backoff_max: float = 30.0,
         once: bool = False,
         liveness_interval: float = LIVENESS_INTERVAL,
+        wait: tuple[float, float] | None = None,
     ) -> None:
         self.source = source
         self.writer = writer
@@ -49,6 +51,7 @@ class Dispenser:
         self.backoff_max = backoff_max
         self.once = once
         self.liveness_interval = liveness_interval
+        self.wait = wait  # (quiet, most) seconds, or None: publish every change at once
         self.tree = KeyTree()
         self.revision = 0
         self.first_sync = threading.Event()
@@ -139,8 +142,12 @@ class Dispenser:
         )
         watchdog.start()
         try:
-            for batch in self.source.watch(revision + 1):
-                self._apply(batch)
+            batches = self.source.watch(revision + 1)
+            if self.wait is None:
+                for batch in batches:
+                    self._publish(batch.revision, self._absorb(batch), "watch")
+            else:
+                self._follow_with_wait(batches, *self.wait)
         except Compacted as err:
             log.warning("watch from r%d: %s; reading everything again", self.revision + 1, err)
         except EtcdUnavailable as err:
@@ -184,7 +191,39 @@ class Dispenser:
         self.tree = tree
         self._publish(revision, changed, "read")
 
-    def _apply(self, batch: Batch) -> None:
+    def _follow_with_wait(self, batches: Iterator[Batch], quiet: float, most: float) -> None:
+        """--wait: after a change, wait for ``quiet`` seconds without one (at most
+        ``most`` in all), then publish everything that came as one snapshot."""
+        inbox: queue.Queue[Batch | BaseException | None] = queue.Queue()
+
+        def read() -> None:
+            try:
+                for batch in batches:
+                    inbox.put(batch)
+                inbox.put(None)
+            except BaseException as err:  # handed to the sync thread
+                inbox.put(err)
+
+        threading.Thread(target=read, name="watch-reader", daemon=True).start()
+        while True:
+            item = inbox.get()
+            changed: set[str] = set()
+            deadline = time.monotonic() + most
+            while True:
+                if item is None:
+                    raise EtcdUnavailable(f"{self.source.endpoint}: watch stream ended")
+                if isinstance(item, BaseException):
+                    raise item
+                changed |= self._absorb(item)
+                revision = item.revision
+                try:
+                    item = inbox.get(timeout=max(0.0, min(quiet, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            self._publish(revision, changed, "watch")
+
+    def _absorb(self, batch: Batch) -> set[str]:
+        """Apply one batch to the key tree; return the file paths it changed."""
         changed: set[str] = set()
         for change in batch.changes:
             path = self._relpath(change.key, batch.revision)
@@ -197,7 +236,7 @@ class Dispenser:
                 shadow = self.tree.shadowing_key(path)
                 if shadow is not None:
                     log.warning("r%d: skipping key %r: %r is a file", batch.revision, path, shadow)
-        self._publish(batch.revision, changed, "watch")
+        return changed
 
     def _publish(self, revision: int, changed: set[str], how: str) -> None:
         first = not self.first_sync.is_set()

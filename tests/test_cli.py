@@ -119,3 +119,17 @@ def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("etcd-config-dispenser ")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("2s", (2.0, 8.0)), ("500ms:5s", (0.5, 5.0)), ("1", (1.0, 4.0)), ("1m:2m", (60.0, 120.0))],
+)
+def test_wait_min_and_max(text: str, expected: tuple[float, float]) -> None:
+    assert parse_args(["-p", "/x", "-t", "o", f"--wait={text}"]).wait == expected
+
+
+@pytest.mark.parametrize("text", ["soon", "5s:1s", "0s", "-1s", "2s:x"])
+def test_bad_wait_names_the_flag(text: str) -> None:
+    with pytest.raises(UsageError, match="--wait"):
+        parse_args(["-p", "/x", "-t", "o", f"--wait={text}"])

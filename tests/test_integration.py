@@ -272,3 +272,39 @@ def test_owner_group_and_mode_of_files_and_directories(
         st = os.stat(path)
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, mode), path
     assert os.stat(data).st_uid == 65534
+
+
+def test_wait_coalesces_a_burst_into_one_snapshot_and_one_signal(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    etcd.put(prefix + "n", b"0")  # type: ignore[attr-defined]
+    script = tmp_path / "recorder.py"
+    script.write_text(RECORDER)
+    out = tmp_path / "signals"
+    proc = dispenser("--wait=400ms:10s", command=[sys.executable, str(script), str(out)])
+    busy_wait(out.exists)
+    time.sleep(1.2)  # past the child's start-up settle
+    for i in range(1, 6):  # a burst: 5 revisions, 50 ms apart, quieter than MIN never
+        etcd.put(prefix + "n", str(i).encode())  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    busy_wait(lambda: out.read_text().count("HUP") == 1)
+    assert read_tree(target) == {"n": b"5"}
+    time.sleep(0.6)
+    assert out.read_text().count("HUP") == 1  # one signal for the whole burst
+    assert proc.log().count(": watch: wrote n") == 1
+    assert proc.stop() == 128 + signal.SIGTERM
+
+
+def test_wait_max_bounds_a_never_ending_burst(
+    etcd: object, prefix: str, target: Path, dispenser: Start
+) -> None:
+    etcd.put(prefix + "n", b"0")  # type: ignore[attr-defined]
+    proc = dispenser("--wait=300ms:600ms")
+    busy_wait(lambda: (target / "..data").exists())
+    for i in range(1, 21):  # 2 s of changes, never 300 ms quiet
+        etcd.put(prefix + "n", str(i).encode())  # type: ignore[attr-defined]
+        time.sleep(0.1)
+    busy_wait(lambda: read_tree(target) == {"n": b"20"})
+    snapshots = proc.log().count(": watch: wrote n")
+    assert 2 <= snapshots < 20  # MAX forced some out during the burst, far fewer than 20
+    assert proc.stop() == 0
