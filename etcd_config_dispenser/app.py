@@ -40,6 +40,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         backoff_max=options.backoff_max,
         once=options.once,
         wait=options.wait,
+        check=(lambda: supervisor.run_check(check)) if (check := options.check) else None,
     )
     log.info(
         "syncing prefix %r from %s into %s",

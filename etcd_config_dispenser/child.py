@@ -13,6 +13,7 @@ import ctypes.util
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,8 @@ PR_SET_CHILD_SUBREAPER = 36
 # config has no SIGHUP handler yet, and SIGHUP's default action is to exit.
 # A change signalled sooner than this after the start waits until then.
 START_SETTLE = 1.0
+CHECK_TIMEOUT = 30.0  # seconds a --check command may run before SIGKILL
+CHECK_OUTPUT_MAX = 4000  # bytes of its output kept for the log
 
 
 def block_signals() -> None:
@@ -75,7 +78,8 @@ class Supervisor:
         self.kill_timeout = kill_timeout
         self.pid: int | None = None
         self.started_at = 0.0
-        self._lock = threading.Lock()  # guards pid against a concurrent reap
+        self._reserved: set[int] = set()  # --check processes: reaped by run_check
+        self._lock = threading.Lock()  # guards pid and _reserved against a concurrent reap
 
     def spawn(self) -> int | None:
         """Start the child; return None, or the exit code if it cannot start (127/126)."""
@@ -175,17 +179,58 @@ class Supervisor:
                 self.send(signal.SIGKILL)
                 deadline = None
 
+    def run_check(self, command: str, timeout: float = CHECK_TIMEOUT) -> tuple[int, str]:
+        """Run ``sh -c command`` to the end; its exit code and the tail of its output.
+
+        Called from the sync thread. The process is reserved so that ``reap``
+        leaves it to this method: the reaper would otherwise take its exit
+        status, and a failed check would look like a success.
+        """
+        with tempfile.TemporaryFile() as out:
+            redirect = [
+                (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, out.fileno(), 2),
+            ]
+            with self._lock:
+                pid = os.posix_spawn(
+                    "/bin/sh", ["sh", "-c", command], self.env, file_actions=redirect,
+                    setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                )  # fmt: skip
+                self._reserved.add(pid)
+            try:
+                deadline = time.monotonic() + timeout
+                while True:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        break
+                    if time.monotonic() > deadline:
+                        log.warning("check still running after %.0fs: SIGKILL", timeout)
+                        os.kill(pid, signal.SIGKILL)
+                        deadline = float("inf")
+                    time.sleep(0.002)
+            finally:
+                with self._lock:
+                    self._reserved.discard(pid)
+            out.seek(0)
+            output = out.read()[-CHECK_OUTPUT_MAX:].decode(errors="replace")
+        return exit_code(status), output
+
     def reap(self) -> int | None:
         """Reap every exited process, orphans too (as PID 1); the child's code if it exited."""
         code = None
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+            try:  # look first (WNOWAIT): a running check reaps its own process
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return code
-            if pid == 0:
+            if info is None:
                 return code
             with self._lock:
+                if info.si_pid in self._reserved:
+                    return code  # the rest on the next round, once the check is done
+                pid, status = os.waitpid(info.si_pid, os.WNOHANG)
+                if pid == 0:
+                    return code
                 if pid == self.pid:
                     self.pid = None
                     code = exit_code(status)

@@ -19,6 +19,11 @@ Options:
                          [default: 0600].
   -o, --owner=USER       Owner of the files, a name or a uid (root only).
   -g, --group=GROUP      Group of the files, a name or a gid (root only).
+  -c, --check=CHECK      After each change is live and before the signal,
+                         run CHECK with sh -c (e.g. "nginx -t"); if it
+                         fails, the previous snapshot is put back, CMD is
+                         not signalled and the output is logged. Not run
+                         for the first snapshot.
   --once                 Write the snapshot, then exit 0 (non-zero if etcd
                          cannot be read); takes no CMD.
   --kill-timeout=SECS    After forwarding SIGTERM, SIGINT or SIGQUIT, wait
@@ -88,6 +93,7 @@ class Options:
     kill_timeout: float
     backoff_max: float
     wait: tuple[float, float] | None
+    check: str | None
     log_level: str
     command: list[str]
 
@@ -200,6 +206,7 @@ def parse_args(argv: list[str] | None) -> Options:
         kill_timeout=parse_seconds(args["--kill-timeout"], "--kill-timeout"),
         backoff_max=parse_seconds(args["--backoff-max"], "--backoff-max"),
         wait=parse_wait(args["--wait"]),
+        check=args["--check"] or None,
         log_level=level,
         command=args["CMD"],
     )

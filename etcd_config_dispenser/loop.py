@@ -44,6 +44,7 @@ class Dispenser:
         once: bool = False,
         liveness_interval: float = LIVENESS_INTERVAL,
         wait: tuple[float, float] | None = None,
+        check: Callable[[], tuple[int, str]] | None = None,
     ) -> None:
         self.source = source
         self.writer = writer
@@ -52,6 +53,7 @@ class Dispenser:
         self.once = once
         self.liveness_interval = liveness_interval
         self.wait = wait  # (quiet, most) seconds, or None: publish every change at once
+        self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
         self.tree = KeyTree()
         self.revision = 0
         self.first_sync = threading.Event()
@@ -222,6 +224,24 @@ class Dispenser:
                     break
             self._publish(revision, changed, "watch")
 
+    def _checked(self, revision: int, changed: set[str]) -> bool:
+        """--check on the snapshot just made live; on failure put the previous one back."""
+        assert self.check is not None
+        code, output = self.check()
+        if code == 0:
+            return True
+        tail = " | ".join(output.strip().splitlines()[-5:]) or "no output"
+        previous = self.writer.rollback()
+        self._pending = set(changed)  # not served: they go with the next change again
+        log.error(
+            "r%d: check failed with exit code %d, %s is live again, no signal: %s",
+            revision,
+            code,
+            previous,
+            tail,
+        )
+        return False
+
     def _absorb(self, batch: Batch) -> set[str]:
         """Apply one batch to the key tree; return the file paths it changed."""
         changed: set[str] = set()
@@ -255,6 +275,9 @@ class Dispenser:
         if first:
             log.info("r%d: %s: first snapshot live, %d files", revision, how, len(self.tree.files))
             self.first_sync.set()
+        elif self.check is not None and not self._checked(revision, changed):
+            self.writer.finish(prepare=not self.once)
+            return
         else:
             self.notify()
             written = sorted(p for p in changed if p in self.tree.files)

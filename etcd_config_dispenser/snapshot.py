@@ -256,6 +256,42 @@ class SnapshotWriter:
             log.warning("r%d: could not update the top-level links: %s", revision, err)
         return True
 
+    def rollback(self) -> str:
+        """Make the previous snapshot live again, right after a ``publish``; its name.
+
+        For --check: the new snapshot was live while the check ran; if it
+        failed, ``..data`` goes back to the one before (kept untouched as the
+        newest spare until ``finish``). The rejected one becomes a spare. The
+        caller still has the rejected files in its state: it must hand their
+        paths to the next ``publish`` again.
+        """
+        if self._live is None or not self._spares:
+            raise SnapshotError("no previous snapshot to go back to")
+        previous, rejected = self._spares[-1], self._live
+        previous_path = self.target / previous.name
+        tmp_link = self.target / TMP_LINK
+        try:
+            _remove(tmp_link)
+            os.symlink(previous.name, tmp_link)
+            os.replace(tmp_link, self.target / DATA_LINK)
+        except OSError as err:
+            _remove(tmp_link)
+            raise SnapshotError(err.errno, f"could not put {previous.name} back: {err}") from err
+        self._spares.pop()
+        paths = self._journal[-1]
+        self._journal.append(set(paths))  # the way back touches the same paths
+        rejected.retired_at = self.clock()
+        self._spares.append(rejected)
+        self._live = previous
+        back = {p: b"" for p in paths if (previous_path / p).is_file()}
+        affected = self._track(back, paths)
+        try:
+            self._sync_links(affected)
+        except OSError as err:
+            self._links_dirty = True
+            log.warning("could not update the top-level links: %s", err)
+        return previous.name
+
     def _new_name(self, revision: int) -> str:
         ns = time.time_ns()
         stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime(ns // 1_000_000_000))

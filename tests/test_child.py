@@ -172,3 +172,25 @@ def test_a_signal_right_after_the_start_waits_for_the_child_to_settle() -> None:
     assert proc.stdout.readline().strip() == "got HUP"
     proc.terminate()
     assert proc.wait(10) == 128 + signal.SIGTERM
+
+
+def test_check_exit_status_is_never_taken_by_the_reaper() -> None:
+    """The main thread reaps everything as PID 1 would, while checks run and fail."""
+    script = """
+import signal, sys, threading
+from etcd_config_dispenser.child import Supervisor, block_signals
+block_signals()
+busy = "while :; do (exit 3) & sleep 0.001; done"  # orphans and zombies all the time
+supervisor = Supervisor(["sh", "-c", busy], {"PATH": "/usr/bin:/bin"})
+supervisor.spawn()
+done = threading.Event()
+reaper = threading.Thread(target=supervisor.supervise, args=(done,), daemon=True)
+reaper.start()
+codes = [supervisor.run_check("echo checking; exit 7")[0] for _ in range(40)]
+code, output = supervisor.run_check("echo out; echo err >&2; exit 0")
+print(sorted(set(codes)), code, output.split())
+supervisor.send(signal.SIGKILL)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.stdout.strip() == "[7] 0 ['out', 'err']", result.stderr

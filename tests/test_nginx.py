@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -94,3 +95,31 @@ def test_nginx_stops_with_the_dispenser_and_its_code(
     busy_wait(lambda: served_cert(port) is not None, timeout=20)
     assert proc.stop(signal.SIGQUIT) == 0  # graceful shutdown, forwarded
     assert served_cert(port) is None
+
+
+def test_check_rejects_a_mismatched_pair_and_keeps_serving(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    """--check="nginx -t": a certificate with the wrong key is never made nginx's."""
+    good, other, fixed = (make_cert(n, tmp_path) for n in ("good", "other", "fixed"))
+    put_pair(etcd, prefix, *good)
+    port = free_port()
+    workdir = tmp_path / "nginx"
+    conf = write_nginx_conf(workdir, port, target)
+    check = f"nginx -t -p {workdir} -c {conf}"
+    proc = dispenser(f"--check={check}", command=nginx_command(workdir, conf))
+    busy_wait(lambda: same_cert(served_cert(port), good[0]), timeout=20)
+    time.sleep(1.2)  # past the start-up settle, so a signal would go out at once
+    before = os.readlink(target / "..data")
+    put_pair(etcd, prefix, other[0], good[1])  # new certificate, old key: a torn pair
+    busy_wait(lambda: "check failed" in proc.log(), timeout=20)
+    log = proc.log()
+    assert "key values mismatch" in log  # nginx -t's own words
+    assert os.readlink(target / "..data") == before  # the previous snapshot is back
+    assert (target / CERT).read_bytes() == good[0]
+    assert same_cert(served_cert(port), good[0])
+    assert "SIGHUP" not in (workdir / "error.log").read_text()  # nginx was not signalled
+    put_pair(etcd, prefix, *fixed)
+    busy_wait(lambda: same_cert(served_cert(port), fixed[0]), timeout=20)
+    assert (workdir / "error.log").read_text().count("signal 1 (SIGHUP) received") == 1
+    assert proc.stop() == 0

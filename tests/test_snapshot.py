@@ -258,11 +258,11 @@ def test_file_dir_clash_transitions_on_disk(tmp_path: Path) -> None:
     assert read_tree(target) == {"a": b"again"}
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_fast_path_equals_a_full_rebuild(tmp_path: Path, seed: int) -> None:
-    """Random edits through spares and hard links give what a fresh write gives.
+    """Random edits through spares, hard links and rollbacks give what a fresh write gives.
 
-    Also: a hard-linked file is never changed under an older snapshot.
+    Also: a kept snapshot directory never changes while it is not reused.
     """
     rng = random.Random(seed)
     target = tmp_path / "config"
@@ -271,17 +271,57 @@ def test_fast_path_equals_a_full_rebuild(tmp_path: Path, seed: int) -> None:
     tree = KeyTree()
     names = ["a", "b", "c/d", "c/e", "c", "f/g/h", "f", "x/y"]
     publish(writer, tree, 1, **{n.replace("/", "__"): b"0" for n in names[:4]})
-    history: dict[str, dict[str, bytes]] = {}
-    for revision in range(2, 80):
-        edits: dict[str, bytes | None] = {}
+    served = dict(tree.files)
+    pending: set[str] = set()  # paths where the tree is ahead of what is served
+    history: dict[str, dict[str, bytes]] = {os.readlink(target / DATA_LINK): served}
+    for revision in range(2, 100):
+        changed: set[str] = set(pending)
         for _ in range(rng.randint(1, 3)):
-            name = rng.choice(names).replace("/", "__")
-            edits[name] = None if rng.random() < 0.3 else str(revision).encode()
-        changed = publish(writer, tree, revision, **edits)
-        assert read_tree(target) == tree.files
-        if changed:
+            path = rng.choice(names)
+            value = None if rng.random() < 0.3 else str(revision).encode()
+            changed |= tree.delete(path) if value is None else tree.put(path, value)
+        if writer.publish(tree.files, changed, revision):
             history[os.readlink(target / DATA_LINK)] = dict(tree.files)
+            if rng.random() < 0.25:  # a failed --check
+                writer.rollback()
+                pending = changed
+            else:
+                served, pending = dict(tree.files), set()
+            writer.finish()
+        assert read_tree(target) == served
+        assert dir_files(target / os.readlink(target / DATA_LINK)) == served
+        assert sorted(snapshot_dirs(target)) == sorted(writer.kept_dirs)
         clock.now += rng.choice([0.1, 0.5, 2.0])
         for name in snapshot_dirs(target):  # every kept snapshot still holds its revision
             if name in history:
                 assert dir_files(target / name) == history[name]
+
+
+def test_rollback_puts_the_previous_snapshot_back(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    writer = make_writer(target)
+    tree = KeyTree()
+    publish(writer, tree, 1, a=b"1", b=b"1", sub__c=b"1")
+    before = os.readlink(target / DATA_LINK)
+    changed = tree.put("a", b"2") | tree.delete("b") | tree.put("new", b"x")
+    changed |= tree.delete("sub/c")
+    assert writer.publish(tree.files, changed, 2)
+    assert read_tree(target) == {"a": b"2", "new": b"x"}
+    assert writer.rollback() == before
+    assert os.readlink(target / DATA_LINK) == before
+    assert read_tree(target) == {"a": b"1", "b": b"1", "sub/c": b"1"}  # links too
+    writer.finish()
+    assert_only_kept(target, writer)
+    # The rejected paths go with the next change, and are published then.
+    changed |= tree.put("d", b"4")
+    assert writer.publish(tree.files, changed, 3)
+    assert read_tree(target) == {"a": b"2", "new": b"x", "d": b"4"}
+
+
+def test_rollback_without_a_previous_snapshot_is_refused(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path / "config")
+    tree = KeyTree()
+    tree.put("a", b"1")
+    writer.publish(tree.files, {"a"}, 1)
+    with pytest.raises(SnapshotError, match="no previous snapshot"):
+        writer.rollback()
