@@ -31,7 +31,7 @@ venv: $(BIN)/python
 
 # A real (non-editable) install: the tests run the package as users get it.
 install: venv
-	$(BIN)/python -m pip install -q '.[test,lint]'
+	$(BIN)/python -m pip install -q '.[test,lint,metrics]'
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall .
 
 test: deps install

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 
+from . import health
 from .child import Supervisor, become_subreaper, block_signals
 from .cli import Options
 from .config import EtcdConfig, child_environ
+from .health import Stats
 from .loop import Dispenser
 from .snapshot import SnapshotWriter
 from .source import EtcdSource
@@ -31,6 +33,13 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         return 1
     if live:
         log.info("serving %s until the first sync replaces it", live)
+    stats = Stats()
+    if options.health_addr:
+        try:
+            health.serve(*options.health_addr, stats)
+        except OSError as err:
+            log.error("--health-addr: cannot listen on %s:%d: %s", *options.health_addr, err)
+            return 2
     supervisor = Supervisor(options.command, child_environ(os.environ), options.kill_timeout)
     source = EtcdSource(etcd, options.prefix)
     dispenser = Dispenser(
@@ -41,6 +50,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         once=options.once,
         wait=options.wait,
         check=(lambda: supervisor.run_check(check)) if (check := options.check) else None,
+        stats=stats,
     )
     log.info(
         "syncing prefix %r from %s into %s",

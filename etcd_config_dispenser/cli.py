@@ -35,7 +35,11 @@ Options:
                          another (at most MAX, default 4*MIN), then write
                          all of them as one snapshot with one signal:
                          "2s", "500ms:5s". Default: every change at once.
+  --health-addr=ADDR     Serve /healthz (200 while a snapshot is live and
+                         etcd answers, else 503 and why) and /metrics
+                         (Prometheus) on HOST:PORT, e.g. 127.0.0.1:9102.
   --log-level=LEVEL      debug, info, warning or error [default: info].
+  --log-format=FORMAT    text, or json: one object a line [default: text].
   -h, --help             Show this help.
   --version              Show the version.
 
@@ -58,11 +62,13 @@ them reaches CMD):
 from __future__ import annotations
 
 import grp
+import json
 import logging
 import os
 import pwd
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -94,7 +100,9 @@ class Options:
     backoff_max: float
     wait: tuple[float, float] | None
     check: str | None
+    health_addr: tuple[str, int] | None
     log_level: str
+    log_format: str
     command: list[str]
 
 
@@ -176,6 +184,48 @@ def parse_wait(text: str | None) -> tuple[float, float] | None:
     return low, high
 
 
+def parse_address(text: str | None) -> tuple[str, int] | None:
+    """'HOST:PORT' (or ':PORT' for every address)."""
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--health-addr: {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def parse_choice(text: str, flag: str, choices: tuple[str, ...]) -> str:
+    if text not in choices:
+        raise UsageError(f"{flag}: {text!r} is not one of {', '.join(choices)}")
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log collectors: time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, form: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if form == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler])
+
+
 def parse_args(argv: list[str] | None) -> Options:
     """The docopt usage above is the one source of the flags; raise UsageError."""
     try:
@@ -207,7 +257,9 @@ def parse_args(argv: list[str] | None) -> Options:
         backoff_max=parse_seconds(args["--backoff-max"], "--backoff-max"),
         wait=parse_wait(args["--wait"]),
         check=args["--check"] or None,
+        health_addr=parse_address(args["--health-addr"]),
         log_level=level,
+        log_format=parse_choice(args["--log-format"], "--log-format", ("text", "json")),
         command=args["CMD"],
     )
 
@@ -220,11 +272,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         usage = USAGE.split("\n\n")[1]
         print(f"{PROG}: {err}\n{usage}\nSee '{PROG} --help'.", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(
-        level=options.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(options.log_level, options.log_format)
     try:
         etcd = config.load(os.environ)
     except config.ConfigError as err:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import tenacity
 
+from .health import Stats
 from .keys import MAX_PATH, InvalidKey, KeyTree, key_to_relpath
 from .snapshot import SNAPSHOT_NAME_MAX, SnapshotError, SnapshotWriter
 from .source import Batch, Compacted, EtcdSource, EtcdUnavailable
@@ -45,6 +46,7 @@ class Dispenser:
         liveness_interval: float = LIVENESS_INTERVAL,
         wait: tuple[float, float] | None = None,
         check: Callable[[], tuple[int, str]] | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self.source = source
         self.writer = writer
@@ -54,6 +56,7 @@ class Dispenser:
         self.liveness_interval = liveness_interval
         self.wait = wait  # (quiet, most) seconds, or None: publish every change at once
         self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
+        self.stats = stats or Stats()
         self.tree = KeyTree()
         self.revision = 0
         self.first_sync = threading.Event()
@@ -115,6 +118,8 @@ class Dispenser:
         err = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
         serving = f"serving r{self.revision}" if self.first_sync.is_set() else "nothing served yet"
+        self.stats.connected = False
+        self.stats.last_error = str(err)
         log.warning(
             "etcd sync failed (attempt %d): %s; %s; retrying in %.1fs",
             state.attempt_number,
@@ -134,6 +139,8 @@ class Dispenser:
         self.source.connect()
         revision, kvs = self.source.read_all()
         log.info("r%d: connected to %s", revision, self.source.endpoint)
+        self.stats.reconnects += 1 if self.stats.last_ok else 0
+        self.stats.alive()
         self._resync(revision, kvs)
         if self.once:
             return
@@ -164,6 +171,7 @@ class Dispenser:
         while not done.wait(self.liveness_interval):
             try:
                 self.source.check(LIVENESS_TIMEOUT)
+                self.stats.alive()
             except EtcdUnavailable as err:
                 if not done.is_set():
                     log.warning("etcd liveness check failed: %s; restarting the watch", err)
@@ -177,6 +185,7 @@ class Dispenser:
             return key_to_relpath(key, self.source.prefix, self.max_path)
         except InvalidKey as err:
             log.warning("r%d: skipping key %r: it %s", revision, key, err)
+            self.stats.skipped_keys += 1
             return None
 
     def _resync(self, revision: int, kvs: Iterable[tuple[bytes, bytes]]) -> None:
@@ -188,6 +197,7 @@ class Dispenser:
                 tree.put(path, value)
         for path, shadow in tree.hidden():
             log.warning("r%d: skipping key %r: %r is a file", revision, path, shadow)
+            self.stats.skipped_keys += 1
         old = self.tree.files
         changed = {p for p in old.keys() | tree.files.keys() if old.get(p) != tree.files.get(p)}
         self.tree = tree
@@ -224,6 +234,11 @@ class Dispenser:
                     break
             self._publish(revision, changed, "watch")
 
+    def _count_snapshot(self, revision: int) -> None:
+        self.stats.revision = revision
+        self.stats.snapshots += 1
+        self.stats.last_sync = time.time()
+
     def _checked(self, revision: int, changed: set[str]) -> bool:
         """--check on the snapshot just made live; on failure put the previous one back."""
         assert self.check is not None
@@ -233,6 +248,7 @@ class Dispenser:
         tail = " | ".join(output.strip().splitlines()[-5:]) or "no output"
         previous = self.writer.rollback()
         self._pending = set(changed)  # not served: they go with the next change again
+        self.stats.check_failures += 1
         log.error(
             "r%d: check failed with exit code %d, %s is live again, no signal: %s",
             revision,
@@ -256,6 +272,7 @@ class Dispenser:
                 shadow = self.tree.shadowing_key(path)
                 if shadow is not None:
                     log.warning("r%d: skipping key %r: %r is a file", batch.revision, path, shadow)
+                    self.stats.skipped_keys += 1
         return changed
 
     def _publish(self, revision: int, changed: set[str], how: str) -> None:
@@ -269,17 +286,22 @@ class Dispenser:
             raise
         self._pending = set()
         self.revision = revision
+        self.stats.alive()
         if not published:
             log.debug("r%d: %s: no file changed", revision, how)
             return
         if first:
             log.info("r%d: %s: first snapshot live, %d files", revision, how, len(self.tree.files))
+            self._count_snapshot(revision)
+            self.stats.first_sync = True
             self.first_sync.set()
         elif self.check is not None and not self._checked(revision, changed):
             self.writer.finish(prepare=not self.once)
             return
         else:
+            self._count_snapshot(revision)
             self.notify()
+            self.stats.signals += 1
             written = sorted(p for p in changed if p in self.tree.files)
             removed = sorted(p for p in changed if p not in self.tree.files)
             log.info(

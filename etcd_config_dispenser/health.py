@@ -1,0 +1,117 @@
+"""--health-addr: /healthz for orchestrators, /metrics for Prometheus.
+
+A plain HTTP server on its own thread that only reads ``Stats``, which the
+sync loop writes (single assignments of ints and floats: safe to read from
+another thread in CPython).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER = 10.0  # seconds without a sign of life from etcd before /healthz says 503
+
+
+@dataclass
+class Stats:
+    """What the sync loop did; read by /healthz and /metrics."""
+
+    revision: int = 0
+    first_sync: bool = False
+    connected: bool = False
+    last_ok: float = 0.0  # monotonic: last successful read, watch event or liveness check
+    last_sync: float = 0.0  # wall clock: last snapshot made live
+    last_error: str = ""
+    snapshots: int = 0
+    signals: int = 0
+    reconnects: int = 0
+    skipped_keys: int = 0
+    check_failures: int = 0
+
+    def alive(self) -> None:
+        self.connected = True
+        self.last_ok = time.monotonic()
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, reason): a snapshot is live and etcd answered recently."""
+        if not self.first_sync:
+            return False, f"no snapshot yet: {self.last_error or 'first read in progress'}"
+        if not self.connected:
+            return False, f"etcd unavailable, serving r{self.revision}: {self.last_error}"
+        quiet = time.monotonic() - self.last_ok
+        if quiet > STALE_AFTER:
+            return False, f"no answer from etcd for {quiet:.0f}s, serving r{self.revision}"
+        return True, f"ok: r{self.revision}"
+
+
+def _metrics(stats: Stats) -> bytes | None:
+    """The Prometheus text format, or None without the optional prometheus_client."""
+    try:
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    except ImportError:
+        return None
+
+    class Collector:
+        def collect(self) -> Iterator[Any]:
+            prefix = "etcd_config_dispenser_"
+            yield GaugeMetricFamily(prefix + "revision", "etcd revision of the live snapshot",
+                                    value=stats.revision)  # fmt: skip
+            yield GaugeMetricFamily(prefix + "last_sync_timestamp_seconds",
+                                    "when the last snapshot was made live (Unix time)",
+                                    value=stats.last_sync)  # fmt: skip
+            yield GaugeMetricFamily(prefix + "healthy", "1 while /healthz answers 200",
+                                    value=1.0 if stats.health()[0] else 0.0)  # fmt: skip
+            for name, text, value in [
+                ("snapshots", "snapshots made live", stats.snapshots),
+                ("signals", "signals sent to the child after a change", stats.signals),
+                ("reconnects", "connections to etcd after the first", stats.reconnects),
+                ("skipped_keys", "keys skipped by the key rules", stats.skipped_keys),
+                ("check_failures", "changes rejected by --check", stats.check_failures),
+            ]:
+                yield CounterMetricFamily(prefix + name, text, value=value)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())
+    return bytes(generate_latest(registry))
+
+
+def serve(host: str, port: int, stats: Stats) -> ThreadingHTTPServer:
+    """Start the server on a daemon thread; raises OSError if the address cannot be bound."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/healthz":
+                healthy, reason = stats.health()
+                self._answer(200 if healthy else 503, reason.encode() + b"\n")
+            elif self.path == "/metrics":
+                body = _metrics(stats)
+                if body is None:
+                    self._answer(501, b"install etcd-config-dispenser[metrics] for /metrics\n")
+                else:
+                    self._answer(200, body, "text/plain; version=0.0.4; charset=utf-8")
+            else:
+                self._answer(404, b"try /healthz or /metrics\n")
+
+        def _answer(self, code: int, body: bytes, kind: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("health: " + format, *args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    return server

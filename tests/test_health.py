@@ -1,0 +1,109 @@
+"""--health-addr (/healthz, /metrics) and --log-format=json, against a real etcd."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import DispenserProcess, EtcdServer, busy_wait, free_port, read_tree
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., DispenserProcess]
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError as err:
+        return 0, str(err)
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"etcd_config_dispenser_{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name} in:\n{text}")
+
+
+def test_healthz_and_metrics_follow_the_sync(
+    etcd: object, prefix: str, target: Path, dispenser: Start
+) -> None:
+    etcd.put(prefix + "a", b"1")  # type: ignore[attr-defined]
+    etcd.put(prefix + "../bad", b"x")  # type: ignore[attr-defined]
+    port = free_port()
+    proc = dispenser(f"--health-addr=127.0.0.1:{port}")
+    busy_wait(lambda: get(port, "/healthz")[0] == 200, timeout=20)
+    _status, body = get(port, "/healthz")
+    revision = etcd.get_response(prefix + "a").header.revision  # type: ignore[attr-defined]
+    assert body.strip() == f"ok: r{revision}"
+    status, text = get(port, "/metrics")
+    assert status == 200
+    assert metric(text, "revision") == revision
+    assert metric(text, "snapshots_total") == 1
+    assert metric(text, "skipped_keys_total") == 1
+    assert metric(text, "healthy") == 1
+    assert metric(text, "last_sync_timestamp_seconds") > 1.7e9
+    etcd.put(prefix + "a", b"2")  # type: ignore[attr-defined]
+    busy_wait(lambda: metric(get(port, "/metrics")[1], "snapshots_total") == 2)
+    assert metric(get(port, "/metrics")[1], "revision") == revision + 1
+    assert get(port, "/nope")[0] == 404
+    assert proc.stop() == 0
+
+
+def test_healthz_says_503_and_why_while_etcd_is_down(tmp_path: Path, target: Path) -> None:
+    server = EtcdServer().start()
+    port = free_port()
+    proc = DispenserProcess(
+        ["--prefix=/p", f"--target={target}", f"--health-addr=127.0.0.1:{port}",
+         "--backoff-max=1"],
+        {"ETCD_ENDPOINTS": server.endpoint},
+        tmp_path / "dispenser.log",
+    )  # fmt: skip
+    try:
+        server.client().put("/p/a", "1")
+        busy_wait(lambda: get(port, "/healthz")[0] == 200, timeout=20)
+        server.stop()
+        busy_wait(lambda: get(port, "/healthz")[0] == 503, timeout=20)
+        _status, reason = get(port, "/healthz")
+        assert "etcd unavailable, serving r" in reason and "UNAVAILABLE" in reason
+        assert read_tree(target) == {"a": b"1"}  # still served
+        server.start()
+        busy_wait(lambda: get(port, "/healthz")[0] == 200, timeout=20)
+        assert metric(get(port, "/metrics")[1], "reconnects_total") >= 1
+    finally:
+        proc.cleanup()
+        server.cleanup()
+
+
+def test_health_address_in_use_is_a_clear_error(
+    prefix: str, target: Path, dispenser: Start
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = dispenser(f"--health-addr=127.0.0.1:{port}")
+        assert proc.wait() == 2
+    assert "--health-addr: cannot listen on 127.0.0.1" in proc.log()
+
+
+def test_json_logs_one_object_a_line_without_values_or_passwords(
+    etcd: object, prefix: str, target: Path, dispenser: Start
+) -> None:
+    etcd.put(prefix + "secret.key", b"TOP-SECRET-VALUE")  # type: ignore[attr-defined]
+    etcd.put(prefix + "..bad", b"x")  # type: ignore[attr-defined]
+    proc = dispenser("--log-format=json", "--once")
+    assert proc.wait() == 0
+    entries = [json.loads(line) for line in proc.log().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(e["level"] == "warning" and "..bad" in e["message"] for e in entries)
+    assert "TOP-SECRET-VALUE" not in proc.log()
