@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import EtcdServer  # the tests' real etcd, on free ports
+from helpers import EtcdServer, txn_put  # the tests' real etcd, on free ports
 
 # The child: blocks SIGHUP, waits for it synchronously, prints when it arrived.
 CHILD = """
@@ -48,10 +48,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def fill(client: object, prefix: str, count: int, size: int) -> None:
     value = os.urandom(size // 2).hex().encode()
-    items = [(f"{prefix}key-{i:05d}.pem", value) for i in range(count)]
-    for start in range(0, count, 100):
-        ops = [client.transactions.put(k, v) for k, v in items[start : start + 100]]  # type: ignore[attr-defined]
-        client.transaction(compare=[], success=ops, failure=[])  # type: ignore[attr-defined]
+    for start in range(0, count, 100):  # etcd takes at most 128 operations a transaction
+        keys = range(start, min(start + 100, count))
+        txn_put(client, prefix, {f"key-{i:05d}.pem": value for i in keys})  # type: ignore[arg-type]
 
 
 def bare_watch(server: EtcdServer, samples: int, spacing: float) -> list[float]:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import (  # the tests' own real etcd and nginx set-up
+    CERT_NAME,
+    KEY_NAME,
     EtcdServer,
     busy_wait,
     free_port,
@@ -28,11 +30,11 @@ from helpers import (  # the tests' own real etcd and nginx set-up
     nginx_command,
     same_cert,
     served_cert,
+    txn_put,
     write_nginx_conf,
 )
 
 PREFIX = "/certificates/"
-CERT, KEY = "example.com-fullchain.pem", "example.com-key.pem"
 
 
 def say(text: str) -> None:
@@ -54,12 +56,8 @@ def show_served(port: int) -> None:
 
 
 def put_pair(client: object, cert: bytes, key: bytes) -> None:
-    client.transaction(  # type: ignore[attr-defined]
-        compare=[],
-        success=[client.transactions.put(PREFIX + CERT, cert),  # type: ignore[attr-defined]
-                 client.transactions.put(PREFIX + KEY, key)],  # type: ignore[attr-defined]
-        failure=[],
-    )  # fmt: skip
+    """Certificate and key in one transaction, as letsencrypt-with-etcd writes them."""
+    txn_put(client, PREFIX, {CERT_NAME: cert, KEY_NAME: key})  # type: ignore[arg-type]
 
 
 def main() -> int:

@@ -21,6 +21,12 @@ import etcd3
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
+def txn_put(client: etcd3.Etcd3Client, prefix: str, items: Mapping[str, bytes]) -> None:
+    """Put several keys in one etcd transaction: one revision, one snapshot."""
+    ops = [client.transactions.put(prefix + name, value) for name, value in items.items()]
+    client.transaction(compare=[], success=ops, failure=[])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -289,9 +295,11 @@ def make_cert(common_name: str, workdir: Path) -> tuple[bytes, bytes]:
 
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+# The names letsencrypt-with-etcd writes, flat under the prefix.
+CERT_NAME, KEY_NAME = "example.com-fullchain.pem", "example.com-key.pem"
 
 
-def write_nginx_conf(workdir: Path, port: int, target: Path, name: str = "example.com") -> Path:
+def write_nginx_conf(workdir: Path, port: int, target: Path) -> Path:
     """An unprivileged nginx serving TLS on 127.0.0.1:port with the dispensed certificate."""
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -309,8 +317,8 @@ http {{
 {temp}
   server {{
     listen 127.0.0.1:{port} ssl;
-    ssl_certificate {target}/{name}-fullchain.pem;
-    ssl_certificate_key {target}/{name}-key.pem;
+    ssl_certificate {target}/{CERT_NAME};
+    ssl_certificate_key {target}/{KEY_NAME};
     location / {{ return 200 "hello from nginx\\n"; }}
   }}
 }}

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import DispenserProcess, EtcdServer, busy_wait, read_tree, start_cluster
+from helpers import DispenserProcess, EtcdServer, busy_wait, read_tree, start_cluster, txn_put
 
 pytestmark = pytest.mark.integration
 
@@ -141,12 +141,7 @@ def test_etcd_killed_and_restarted(
     w.stop_sampling()
     assert w.signals() == 0  # nothing changed while it was down: no signal
     client = server.client()
-    client.transaction(
-        compare=[],
-        success=[client.transactions.put("/certs/cert", "c2"),
-                 client.transactions.put("/certs/key", "k2")],
-        failure=[],
-    )  # fmt: skip
+    txn_put(client, "/certs/", {"cert": b"c2", "key": b"k2"})
     w.wait_tree({"cert": b"c2", "key": b"k2"})
     busy_wait(lambda: w.signals() == 1)
     assert w.starts() == 1  # the child was never restarted

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import DispenserProcess, busy_wait, dir_files, read_tree, snapshot_dirs
+from helpers import DispenserProcess, busy_wait, dir_files, read_tree, snapshot_dirs, txn_put
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +49,6 @@ while True:
 def put_all(etcd: object, prefix: str, items: dict[str, bytes]) -> None:
     for name, value in items.items():
         etcd.put(prefix + name, value)  # type: ignore[attr-defined]
-
-
-def txn_put(etcd: object, prefix: str, items: dict[str, bytes]) -> None:
-    ops = [etcd.transactions.put(prefix + k, v) for k, v in items.items()]  # type: ignore[attr-defined]
-    etcd.transaction(compare=[], success=ops, failure=[])  # type: ignore[attr-defined]
 
 
 def wait_tree(target: Path, expected: dict[str, bytes], proc: DispenserProcess) -> None:

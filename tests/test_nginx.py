@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    CERT_NAME,
+    KEY_NAME,
     DispenserProcess,
     busy_wait,
     free_port,
@@ -18,23 +20,18 @@ from helpers import (
     nginx_command,
     same_cert,
     served_cert,
+    txn_put,
     write_nginx_conf,
 )
 
 pytestmark = pytest.mark.integration
 
 Start = Callable[..., DispenserProcess]
-CERT, KEY = "example.com-fullchain.pem", "example.com-key.pem"
+CERT, KEY = CERT_NAME, KEY_NAME
 
 
 def put_pair(etcd: object, prefix: str, cert: bytes, key: bytes) -> None:
-    """Certificate and key in one transaction, flat names, as letsencrypt-with-etcd writes them."""
-    etcd.transaction(  # type: ignore[attr-defined]
-        compare=[],
-        success=[etcd.transactions.put(prefix + CERT, cert),  # type: ignore[attr-defined]
-                 etcd.transactions.put(prefix + KEY, key)],  # type: ignore[attr-defined]
-        failure=[],
-    )  # fmt: skip
+    txn_put(etcd, prefix, {CERT: cert, KEY: key})  # type: ignore[arg-type]
 
 
 def master_pid(workdir: Path) -> int:
