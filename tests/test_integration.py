@@ -303,3 +303,18 @@ def test_wait_max_bounds_a_never_ending_burst(
     snapshots = proc.log().count(": watch: wrote n")
     assert 2 <= snapshots < 20  # MAX forced some out during the burst, far fewer than 20
     assert proc.stop() == 0
+
+
+def test_sigterm_before_the_first_sync_exits_without_starting_the_child(
+    prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    from helpers import free_port
+
+    marker = tmp_path / "child-ran"
+    proc = dispenser(
+        command=["touch", str(marker)], env={"ETCD_ENDPOINTS": f"127.0.0.1:{free_port()}"}
+    )
+    busy_wait(lambda: "etcd sync failed" in proc.log())
+    assert proc.stop() == 0
+    assert not marker.exists()
+    assert "nothing served yet" in proc.log()
