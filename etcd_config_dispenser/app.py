@@ -25,7 +25,14 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         become_subreaper()
     if etcd.insecure_skip_verify:
         log.warning("ETCD_INSECURE_SKIP_VERIFY is set: the etcd server is NOT verified")
-    writer = SnapshotWriter(options.target, options.mode, options.uid, options.gid)
+    writer = SnapshotWriter(
+        options.target,
+        options.mode,
+        options.uid,
+        options.gid,
+        # Only a child reads the first snapshot, and only once it is synced: see snapshot.py.
+        defer_first_sync=bool(options.command) and not options.once,
+    )
     try:
         live = writer.recover()
     except OSError as err:

@@ -61,6 +61,19 @@ def become_subreaper() -> bool:
         return False
 
 
+def wait_signal(timeout: float) -> int | None:
+    """One of the handled signals, or None after ``timeout``.
+
+    After the process was stopped and continued (SIGSTOP, a cgroup freezer,
+    docker pause), sigtimedwait has been seen to return without a signal and
+    with garbage in si_signo: anything not asked for counts as nothing.
+    """
+    info = signal.sigtimedwait(HANDLED, timeout)
+    if info is None or info.si_signo not in HANDLED:
+        return None
+    return int(info.si_signo)
+
+
 def exit_code(status: int) -> int:
     """Exit code as a shell reports it: the code, or 128+N if signal N killed it."""
     code = os.waitstatus_to_exitcode(status)
@@ -122,6 +135,8 @@ class Supervisor:
                 os.kill(self.pid, signum)
             except ProcessLookupError:
                 log.warning("child pid %d is gone; %s not sent", self.pid, _name(signum))
+            except OSError as err:
+                log.warning("could not send %s to pid %d: %s", _name(signum), self.pid, err)
 
     def wait_for(self, *events: threading.Event, poll: float = 0.05) -> int | None:
         """Before the child starts: wait until one of ``events`` is set.
@@ -130,12 +145,10 @@ class Supervisor:
         arrived first (there is nothing to forward it to yet).
         """
         while not any(event.is_set() for event in events):
-            info = signal.sigtimedwait(HANDLED, poll)
-            if info is None:
-                continue
-            if info.si_signo in TERMINATING:
-                return info.si_signo
-            if info.si_signo == signal.SIGCHLD:
+            signum = wait_signal(poll)
+            if signum in TERMINATING:
+                return signum
+            if signum == signal.SIGCHLD:
                 self.reap()
         return None
 
@@ -150,9 +163,8 @@ class Supervisor:
         abandoned = False
         while True:
             # Wait for one signal, and forward it.
-            info = signal.sigtimedwait(HANDLED, WAIT_STEP)
-            if info is not None and info.si_signo != signal.SIGCHLD:
-                signum = info.si_signo
+            signum = wait_signal(WAIT_STEP)
+            if signum is not None and signum != signal.SIGCHLD:
                 if self.pid is None:
                     if signum in TERMINATING:
                         log.info("%s received, no child: exiting", _name(signum))
@@ -192,10 +204,13 @@ class Supervisor:
                 (os.POSIX_SPAWN_DUP2, out.fileno(), 2),
             ]
             with self._lock:
-                pid = os.posix_spawn(
-                    "/bin/sh", ["sh", "-c", command], self.env, file_actions=redirect,
-                    setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-                )  # fmt: skip
+                try:
+                    pid = os.posix_spawn(
+                        "/bin/sh", ["sh", "-c", command], self.env, file_actions=redirect,
+                        setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                    )  # fmt: skip
+                except OSError as err:  # a check that cannot run has not passed
+                    return 127, f"cannot run the check: {err}"
                 self._reserved.add(pid)
             try:
                 deadline = time.monotonic() + timeout
@@ -228,7 +243,10 @@ class Supervisor:
             with self._lock:
                 if info.si_pid in self._reserved:
                     return code  # the rest on the next round, once the check is done
-                pid, status = os.waitpid(info.si_pid, os.WNOHANG)
+                try:
+                    pid, status = os.waitpid(info.si_pid, os.WNOHANG)
+                except ChildProcessError:  # a check reaped by run_check in between
+                    continue
                 if pid == 0:
                     return code
                 if pid == self.pid:

@@ -23,7 +23,7 @@ Options:
                          run CHECK with sh -c (e.g. "nginx -t"); if it
                          fails, the previous snapshot is put back, CMD is
                          not signalled and the output is logged. Not run
-                         for the first snapshot.
+                         for the first snapshot into an empty target.
   --once                 Write the snapshot, then exit 0 (non-zero if etcd
                          cannot be read); takes no CMD.
   --kill-timeout=SECS    After forwarding SIGTERM, SIGINT or SIGQUIT, wait

@@ -175,7 +175,7 @@ class Dispenser:
             except EtcdUnavailable as err:
                 if not done.is_set():
                     log.warning("etcd liveness check failed: %s; restarting the watch", err)
-                    self.source.interrupt()
+                    self.source.interrupt(move_on=True)
                 return
 
     # -- one step -----------------------------------------------------------
@@ -216,23 +216,32 @@ class Dispenser:
             except BaseException as err:  # handed to the sync thread
                 inbox.put(err)
 
-        threading.Thread(target=read, name="watch-reader", daemon=True).start()
-        while True:
-            item = inbox.get()
-            changed: set[str] = set()
-            deadline = time.monotonic() + most
+        reader = threading.Thread(target=read, name="watch-reader", daemon=True)
+        reader.start()
+        changed: set[str] = set()
+        try:
             while True:
-                if item is None:
-                    raise EtcdUnavailable(f"{self.source.endpoint}: watch stream ended")
-                if isinstance(item, BaseException):
-                    raise item
-                changed |= self._absorb(item)
-                revision = item.revision
-                try:
-                    item = inbox.get(timeout=max(0.0, min(quiet, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            self._publish(revision, changed, "watch")
+                item = inbox.get()
+                deadline = time.monotonic() + most
+                while True:
+                    if item is None:
+                        raise EtcdUnavailable(f"{self.source.endpoint}: watch stream ended")
+                    if isinstance(item, BaseException):
+                        raise item
+                    changed |= self._absorb(item)
+                    revision = item.revision
+                    try:
+                        timeout = max(0.0, min(quiet, deadline - time.monotonic()))
+                        item = inbox.get(timeout=timeout)
+                    except queue.Empty:
+                        break
+                self._publish(revision, changed, "watch")
+                changed = set()
+        finally:
+            # Absorbed but not published: the tree is past them (see _publish).
+            self._pending |= changed
+            self.source.interrupt(later=False)  # this reader's stream if still open, no other
+            reader.join(5.0)
 
     def _count_snapshot(self, revision: int) -> None:
         self.stats.revision = revision
@@ -242,12 +251,13 @@ class Dispenser:
     def _checked(self, revision: int, changed: set[str]) -> bool:
         """--check on the snapshot just made live; on failure put the previous one back."""
         assert self.check is not None
+        self._pending = set(changed)  # until it passes, they are not served for good
         code, output = self.check()
         if code == 0:
+            self._pending = set()
             return True
         tail = " | ".join(output.strip().splitlines()[-5:]) or "no output"
         previous = self.writer.rollback()
-        self._pending = set(changed)  # not served: they go with the next change again
         self.stats.check_failures += 1
         log.error(
             "r%d: check failed with exit code %d, %s is live again, no signal: %s",
@@ -290,14 +300,20 @@ class Dispenser:
         if not published:
             log.debug("r%d: %s: no file changed", revision, how)
             return
+        # --check, whenever there is a snapshot to go back to: after every change,
+        # and at start-up over a snapshot a previous process left.
+        checked = self.check is not None and self.writer.can_roll_back
+        if checked and not self._checked(revision, changed):
+            if first:  # the child starts, with the snapshot that was put back
+                self.stats.first_sync = True
+                self.first_sync.set()
+            self.writer.finish(prepare=not self.once)
+            return
         if first:
             log.info("r%d: %s: first snapshot live, %d files", revision, how, len(self.tree.files))
             self._count_snapshot(revision)
             self.stats.first_sync = True
             self.first_sync.set()
-        elif self.check is not None and not self._checked(revision, changed):
-            self.writer.finish(prepare=not self.once)
-            return
         else:
             self._count_snapshot(revision)
             self.notify()

@@ -31,10 +31,11 @@ Durability: before the flip, the new files and their directories are on disk
 (fsync, or one syncfs for a big change). The flip itself is made durable by
 ``finish`` right after the signal. A power loss in between leaves ``..data``
 at the previous snapshot, which is complete and is not reused before
-``finish`` has run. One exception, for a fast start: the first snapshot of a
-process is flipped in before its syncfs (about 1 s at 10,000 files), which
-``finish`` runs; the child is not started before the first snapshot, and the
-next start after a power loss replaces it before starting the child.
+``finish`` has run. One exception, for a fast start (``defer_first_sync``):
+when the target held no snapshot and a child will be started, the first
+snapshot is flipped in before its syncfs (about 1 s at 10,000 files), which
+``finish`` runs. Nothing else reads the target before the child starts, and
+the next start after a power loss replaces that snapshot before starting it.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class SnapshotWriter:
         gid: int = -1,
         grace: float = GRACE,
         clock: Callable[[], float] = time.monotonic,
+        defer_first_sync: bool = False,
     ) -> None:
         self.target = target
         self.mode = mode
@@ -134,8 +136,11 @@ class SnapshotWriter:
         self._live: _Snapshot | None = None
         self._live_paths: set[str] = set()
         self._spares: list[_Snapshot] = []
-        self._unknown: list[str] = []  # the live snapshot of a previous process
+        self.defer_first_sync = defer_first_sync
+        self._adopted: str | None = None  # live, but not written by this process
+        self._unknown: list[str] = []  # snapshot dirs of unknown contents, to delete
         self._unknown_retired_at = 0.0
+        self._previous: _Snapshot | str | None = None  # what rollback() goes back to
         self._journal: list[Collection[str]] = []  # journal[i]: paths changed by publish i
         self._journal_base = 0  # publish number of journal[0]
         self._top_counts: Counter[str] = Counter()
@@ -171,7 +176,7 @@ class SnapshotWriter:
                 continue
             if entry.name.startswith(SNAPSHOT_PREFIX):
                 if entry.name == live_name:
-                    self._unknown.append(entry.name)
+                    self._adopted = entry.name
                     continue
                 log.info("recover: removing leftover %s", entry.name)
                 _remove(Path(entry.path))
@@ -210,10 +215,13 @@ class SnapshotWriter:
             return False
         name = self._new_name(revision)
         path = self.target / name
+        if first:  # spares are only known relative to a live snapshot of ours
+            self._unknown.extend(spare.name for spare in self._spares)
+            self._spares = []
         base, delta = self._choose_base(changed)  # (2)
         empty = base is None and first
         use_syncfs = base is None or len(delta) > FSYNC_EACH_MAX
-        self._unsynced = self._unsynced or first
+        deferred = first and self.defer_first_sync and self._adopted is None
         tmp_link = self.target / TMP_LINK
         try:
             if base is not None:
@@ -224,8 +232,8 @@ class SnapshotWriter:
             else:
                 self._link_tree(path)
             dirs = self._apply(path, files, delta, empty, fsync_each=not use_syncfs)  # (3)
-            if first:  # (4) synced in finish(), see the module docstring
-                pass
+            if deferred:  # (4) synced in finish(), see the module docstring
+                self._unsynced = True
             elif use_syncfs:
                 _syncfs(path)
             else:
@@ -238,10 +246,14 @@ class SnapshotWriter:
             _remove(tmp_link)
             _remove(path)
             raise SnapshotError(err.errno, f"snapshot r{revision} not published: {err}") from err
+        self._previous = self._live or self._adopted
         if self._live is not None:
             self._live.retired_at = self.clock()
             self._spares.append(self._live)
         else:
+            if self._adopted is not None:
+                self._unknown.append(self._adopted)
+                self._adopted = None
             self._unknown_retired_at = self.clock()
         self._journal.append(() if first else set(changed))  # no dir predates the first
         self._live = _Snapshot(name, self._seq, revision)
@@ -260,37 +272,51 @@ class SnapshotWriter:
         """Make the previous snapshot live again, right after a ``publish``; its name.
 
         For --check: the new snapshot was live while the check ran; if it
-        failed, ``..data`` goes back to the one before (kept untouched as the
-        newest spare until ``finish``). The rejected one becomes a spare. The
-        caller still has the rejected files in its state: it must hand their
-        paths to the next ``publish`` again.
+        failed, ``..data`` goes back to the one before, which stays untouched
+        until ``finish``: a spare of ours, or the snapshot a previous process
+        left (then the next publish writes everything again). The rejected
+        one is kept as a spare. The caller still has the rejected files in its
+        state: it must hand their paths to the next ``publish`` again.
         """
-        if self._live is None or not self._spares:
+        previous, rejected = self._previous, self._live
+        if previous is None or rejected is None:
             raise SnapshotError("no previous snapshot to go back to")
-        previous, rejected = self._spares[-1], self._live
-        previous_path = self.target / previous.name
+        name = previous if isinstance(previous, str) else previous.name
         tmp_link = self.target / TMP_LINK
         try:
             _remove(tmp_link)
-            os.symlink(previous.name, tmp_link)
+            os.symlink(name, tmp_link)
             os.replace(tmp_link, self.target / DATA_LINK)
         except OSError as err:
             _remove(tmp_link)
-            raise SnapshotError(err.errno, f"could not put {previous.name} back: {err}") from err
-        self._spares.pop()
-        paths = self._journal[-1]
-        self._journal.append(set(paths))  # the way back touches the same paths
+            raise SnapshotError(err.errno, f"could not put {name} back: {err}") from err
+        self._previous = None
         rejected.retired_at = self.clock()
-        self._spares.append(rejected)
-        self._live = previous
-        back = {p: b"" for p in paths if (previous_path / p).is_file()}
-        affected = self._track(back, paths)
+        if isinstance(previous, str):  # a previous process's snapshot: contents unknown
+            self._unknown.remove(previous)
+            self._adopted, self._live = previous, None
+            self._unknown.append(rejected.name)
+            on_disk = {p: b"" for p in _files_under(self.target / previous)}
+            affected = self._track(on_disk, None)
+        else:
+            paths = self._journal[-1]
+            self._journal.append(set(paths))  # the way back touches the same paths
+            self._spares.remove(previous)
+            self._spares.append(rejected)
+            self._live = previous
+            back = {p: b"" for p in paths if (self.target / name / p).is_file()}
+            affected = self._track(back, paths)
         try:
             self._sync_links(affected)
         except OSError as err:
             self._links_dirty = True
             log.warning("could not update the top-level links: %s", err)
-        return previous.name
+        return name
+
+    @property
+    def can_roll_back(self) -> bool:
+        """Whether the last publish has something to go back to (until ``finish``)."""
+        return self._previous is not None
 
     def _new_name(self, revision: int) -> str:
         ns = time.time_ns()
@@ -468,6 +494,7 @@ class SnapshotWriter:
         ready for the next change: empty files and a spare snapshot. Errors
         in cleaning are logged and the rest still runs.
         """
+        self._previous = None
         try:
             if self._unsynced:
                 _syncfs(self.target)
@@ -536,7 +563,17 @@ class SnapshotWriter:
     @property
     def kept_dirs(self) -> list[str]:
         """Snapshot directories this writer keeps: the live one and the spares."""
-        return [s.name for s in ([self._live] if self._live else []) + self._spares]
+        live = [self._live.name] if self._live else [self._adopted] if self._adopted else []
+        return live + [spare.name for spare in self._spares]
+
+
+def _files_under(root: Path) -> list[str]:
+    """Every file under ``root``, as paths relative to it."""
+    return [
+        os.path.relpath(os.path.join(parent, name), root)
+        for parent, _dirs, names in os.walk(root)
+        for name in names
+    ]
 
 
 def _unlink_file(path: Path) -> bool:

@@ -105,8 +105,14 @@ def fetch_server_certificate(host: str, port: int, timeout: float) -> tuple[byte
     itself.check_hostname = False
     itself.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     itself.load_verify_locations(cadata=pem)
-    with socket.create_connection((host, port), timeout) as raw, itself.wrap_socket(raw) as tls:
-        info: dict[str, Any] = dict(tls.getpeercert() or {})
+    try:
+        with socket.create_connection((host, port), timeout) as raw, itself.wrap_socket(raw) as tls:
+            info: dict[str, Any] = dict(tls.getpeercert() or {})
+    except ssl.SSLCertVerificationError as err:  # gRPC would refuse it the same way
+        raise OSError(
+            f"its certificate is unusable even with ETCD_INSECURE_SKIP_VERIFY "
+            f"({err.verify_message}): gRPC always checks the validity dates"
+        ) from None
     sans: list[tuple[str, str]] = list(info.get("subjectAltName", ()))
     subject: list[list[tuple[str, str]]] = [list(rdn) for rdn in info.get("subject", ())]
     names = [value for kind, value in sans if kind in ("DNS", "IP Address")]
@@ -182,8 +188,10 @@ class EtcdSource:
         return _Tls(root, config.client_key, config.client_cert)
 
     def _fail(self, err: BaseException) -> EtcdUnavailable:
+        """The error, and the next endpoint for the next try (not after our own cancel)."""
         endpoint = self.endpoint
-        self._index += 1
+        if not (isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.CANCELLED):
+            self._index += 1
         return EtcdUnavailable(describe(err, endpoint))
 
     def read_all(self) -> tuple[int, list[tuple[bytes, bytes]]]:
@@ -266,17 +274,24 @@ class EtcdSource:
             raise self._fail(err) from None
         finally:
             with self._lock:
-                self._stream = None
+                if self._stream is stream:  # a newer watch may have registered already
+                    self._stream = None
             requests.put(None)
             stream.cancel()
         raise EtcdUnavailable(f"{self.endpoint}: watch stream ended")
 
-    def interrupt(self) -> None:
-        """Cut the current watch stream, or the next one if none is open (any thread)."""
+    def interrupt(self, move_on: bool = False, later: bool = True) -> None:
+        """Cut the current watch stream, or (``later``) the next one if none is open.
+
+        Safe from any thread. ``move_on``: the endpoint is unhealthy, the next
+        connection goes to the next one.
+        """
         with self._lock:
+            if move_on:
+                self._index += 1
             if self._stream is not None:
                 self._stream.cancel()
-            else:
+            elif later:
                 self._interrupted = True
 
     def _require_client(self) -> _Client:

@@ -62,6 +62,15 @@ def read_tree(target: Path) -> dict[str, bytes]:
     return tree
 
 
+def tree_is(target: Path, expected: dict[str, bytes]) -> bool:
+    """For polling: does the user see ``expected``? A name that vanished while
+    being read (a link removed by a flip in between) just means: not yet."""
+    try:
+        return (target / "..data").exists() and read_tree(target) == expected
+    except FileNotFoundError:
+        return False
+
+
 def dir_files(root: Path) -> dict[str, bytes]:
     """Every file under one snapshot directory, by relative path."""
     out = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -194,3 +195,21 @@ supervisor.send(signal.SIGKILL)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert result.stdout.strip() == "[7] 0 ['out', 'err']", result.stderr
+
+
+def test_stopped_and_continued_supervisor_keeps_working(tmp_path: Path) -> None:
+    """SIGSTOP/SIGCONT (docker pause, a cgroup freezer) must not upset the signal loop."""
+    proc, out = start_reporter(tmp_path)
+    rng = random.Random(1)
+    for _ in range(300):  # seen to return garbage from sigtimedwait within ~100 rounds
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(rng.uniform(0, 0.01))
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(rng.uniform(0, 0.01))
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGHUP)
+    busy_wait(lambda: out.read_text().split() == ["SIGHUP"])
+    proc.terminate()
+    assert proc.wait(10) == 128 + signal.SIGTERM
+    assert proc.stderr is not None
+    assert "Traceback" not in proc.stderr.read()

@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import DispenserProcess, EtcdServer, busy_wait, read_tree, start_cluster, txn_put
+from helpers import (
+    DispenserProcess,
+    EtcdServer,
+    busy_wait,
+    read_tree,
+    start_cluster,
+    tree_is,
+    txn_put,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +63,7 @@ class Watched:
     def wait_tree(self, expected: dict[str, bytes], timeout: float = 20) -> None:
         def matches() -> bool:
             assert self.proc.proc.poll() is None, self.proc.log()
-            return (self.target / "..data").exists() and read_tree(self.target) == expected
+            return tree_is(self.target, expected)
 
         try:
             busy_wait(matches, timeout=timeout)
@@ -313,3 +321,23 @@ def test_member_in_use_dies_and_another_takes_over(watched: Callable[..., Watche
     finally:
         for member in members:
             member.cleanup()
+
+
+def test_wait_window_survives_an_etcd_restart(
+    own_etcd: Callable[..., EtcdServer], watched: Callable[..., Watched]
+) -> None:
+    """A change absorbed during --wait, then etcd restarts: it is still published."""
+    server = own_etcd()
+    client = server.client()
+    client.put("/certs/a", "1")
+    w = watched(server.endpoint, "--wait=3s:10s")
+    w.wait_tree({"a": b"1"})
+    time.sleep(1.2)  # past the child's start-up settle
+    client.put("/certs/a", "2")
+    time.sleep(0.3)  # absorbed, still waiting for quiet
+    server.stop()
+    time.sleep(0.5)
+    server.start()
+    w.wait_tree({"a": b"2"}, timeout=30)
+    busy_wait(lambda: w.signals() == 1, timeout=10)
+    assert w.starts() == 1

@@ -11,7 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import DispenserProcess, busy_wait, dir_files, read_tree, snapshot_dirs, txn_put
+from helpers import (
+    DispenserProcess,
+    busy_wait,
+    dir_files,
+    read_tree,
+    snapshot_dirs,
+    tree_is,
+    txn_put,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +63,7 @@ def wait_tree(target: Path, expected: dict[str, bytes], proc: DispenserProcess) 
     def matches() -> bool:
         if proc.proc.poll() is not None:
             raise AssertionError(f"dispenser exited {proc.proc.returncode}:\n{proc.log()}")
-        return (target / "..data").exists() and read_tree(target) == expected
+        return tree_is(target, expected)
 
     try:
         busy_wait(matches, timeout=10)
@@ -299,7 +307,7 @@ def test_wait_max_bounds_a_never_ending_burst(
     for i in range(1, 21):  # 2 s of changes, never 300 ms quiet
         etcd.put(prefix + "n", str(i).encode())  # type: ignore[attr-defined]
         time.sleep(0.1)
-    busy_wait(lambda: read_tree(target) == {"n": b"20"})
+    busy_wait(lambda: tree_is(target, {"n": b"20"}))
     snapshots = proc.log().count(": watch: wrote n")
     assert 2 <= snapshots < 20  # MAX forced some out during the burst, far fewer than 20
     assert proc.stop() == 0
@@ -318,3 +326,19 @@ def test_sigterm_before_the_first_sync_exits_without_starting_the_child(
     assert proc.stop() == 0
     assert not marker.exists()
     assert "nothing served yet" in proc.log()
+
+
+def test_check_at_start_keeps_the_previous_runs_snapshot(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    """A value --check rejected must not go live unchecked when the dispenser restarts."""
+    etcd.put(prefix + "conf", b"good")  # type: ignore[attr-defined]
+    assert dispenser("--once").wait() == 0
+    etcd.put(prefix + "conf", b"bad")  # type: ignore[attr-defined]
+    check = f'test "$(cat {target}/conf)" != bad'
+    seen = tmp_path / "seen"
+    proc = dispenser(f"--check={check}", command=["sh", "-c", f"cat {target}/conf > {seen}"])
+    assert proc.wait() == 0, proc.log()
+    assert seen.read_text() == "good"  # the child started with the snapshot put back
+    assert "check failed" in proc.log()
+    assert read_tree(target) == {"conf": b"good"}

@@ -325,3 +325,29 @@ def test_rollback_without_a_previous_snapshot_is_refused(tmp_path: Path) -> None
     writer.publish(tree.files, {"a"}, 1)
     with pytest.raises(SnapshotError, match="no previous snapshot"):
         writer.rollback()
+
+
+def test_rollback_to_the_snapshot_a_previous_process_left(tmp_path: Path) -> None:
+    """--check at start-up: a rejected first snapshot gives way to the adopted one."""
+    target = tmp_path / "config"
+    before = make_writer(target)
+    publish(before, KeyTree(), 1, a=b"good", sub__b=b"good")
+    adopted = os.readlink(target / DATA_LINK)
+    writer = SnapshotWriter(target)
+    assert writer.recover() == adopted
+    tree = KeyTree()
+    tree.put("a", b"bad")
+    tree.put("c", b"bad")
+    assert writer.publish(tree.files, {"a", "c"}, 2)
+    assert writer.can_roll_back
+    assert writer.rollback() == adopted
+    assert read_tree(target) == {"a": b"good", "sub/b": b"good"}  # links put back too
+    writer.finish()
+    assert_only_kept(target, writer)  # the rejected one is gone, the adopted one kept
+    # The next publish writes everything again, whatever it is handed.
+    tree.put("a", b"fixed")
+    assert writer.publish(tree.files, {"a"}, 3)
+    assert read_tree(target) == {"a": b"fixed", "c": b"bad"}
+    writer.finish()
+    assert_only_kept(target, writer)
+    assert adopted not in snapshot_dirs(target)
