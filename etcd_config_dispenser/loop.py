@@ -62,7 +62,6 @@ class Dispenser:
         self.first_sync = threading.Event()
         self.stopping = threading.Event()
         self.done = threading.Event()
-        self.failed: BaseException | None = None
         self._pending: set[str] = set()
         target_len = len(os.fsencode(writer.target))
         self.max_path = MAX_PATH - target_len - SNAPSHOT_NAME_MAX - 2
@@ -98,13 +97,11 @@ class Dispenser:
                     retrying(self._session)
                 except (EtcdUnavailable, SnapshotError) as err:
                     if not self.stopping.is_set():  # only --once gives up
-                        self.failed = err
                         log.error("giving up: %s", err)
                     return
                 if self.once and self.first_sync.is_set():
                     return
-        except Exception as err:
-            self.failed = err
+        except Exception:  # a bug: logged whole; the supervisor sees done and stops
             log.exception("sync loop failed")
         finally:
             self.source.close()
