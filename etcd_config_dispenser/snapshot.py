@@ -40,25 +40,19 @@ the next start after a power loss replaces that snapshot before starting it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
-import shutil
-import stat
 import time
-from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .keys import top_level
+from .fsops import files_under, fsync_dir, remove, syncfs, unlink_file
+from .links import DATA_LINK, TopLinks
 
 log = logging.getLogger(__name__)
 
-DATA_LINK = "..data"
 TMP_LINK = "..data_tmp"
-TMP_TOP_LINK = "..link_tmp"
 POOL_DIR = "..pool"
 SNAPSHOT_PREFIX = ".."
 FSYNC_EACH_MAX = 32  # up to this many files: fsync each; beyond: one syncfs
@@ -79,28 +73,6 @@ def dir_mode(file_mode: int) -> int:
     """
     mode = file_mode & 0o777
     return mode | ((mode & 0o444) >> 2) | 0o700
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush the filesystem holding ``path``: one call instead of thousands of fsyncs."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -134,7 +106,6 @@ class SnapshotWriter:
         self.grace = grace
         self.clock = clock
         self._live: _Snapshot | None = None
-        self._live_paths: set[str] = set()
         self._spares: list[_Snapshot] = []
         self.defer_first_sync = defer_first_sync
         self._adopted: str | None = None  # live, but not written by this process
@@ -143,9 +114,7 @@ class SnapshotWriter:
         self._previous: _Snapshot | str | None = None  # what rollback() goes back to
         self._journal: list[Collection[str]] = []  # journal[i]: paths changed by publish i
         self._journal_base = 0  # publish number of journal[0]
-        self._top_counts: Counter[str] = Counter()
-        self._links: set[str] = set()
-        self._links_dirty = False  # a link update failed: reconcile all next time
+        self._links = TopLinks(target)
         self._unsynced = False  # the first snapshot waits for finish() to be synced
         self._pool: list[str] = []  # names of empty files in ..pool
         self._pool_serial = 0
@@ -179,9 +148,9 @@ class SnapshotWriter:
                     self._adopted = entry.name
                     continue
                 log.info("recover: removing leftover %s", entry.name)
-                _remove(Path(entry.path))
+                remove(Path(entry.path))
             elif entry.is_symlink() and os.readlink(entry.path) == f"{DATA_LINK}/{entry.name}":
-                self._links.add(entry.name)
+                self._links.adopt(entry.name)
             else:
                 foreign.append(entry.name)
         if foreign:
@@ -235,16 +204,16 @@ class SnapshotWriter:
             if deferred:  # (4) synced in finish(), see the module docstring
                 self._unsynced = True
             elif use_syncfs:
-                _syncfs(path)
+                syncfs(path)
             else:
                 for directory in dirs:
-                    _fsync_dir(directory)
-            _remove(tmp_link)  # (5)
+                    fsync_dir(directory)
+            remove(tmp_link)  # (5)
             os.symlink(name, tmp_link)
             os.replace(tmp_link, self.target / DATA_LINK)
         except OSError as err:
-            _remove(tmp_link)
-            _remove(path)
+            remove(tmp_link)
+            remove(path)
             raise SnapshotError(err.errno, f"snapshot r{revision} not published: {err}") from err
         self._previous = self._live or self._adopted
         if self._live is not None:
@@ -257,15 +226,7 @@ class SnapshotWriter:
             self._unknown_retired_at = self.clock()
         self._journal.append(() if first else set(changed))  # no dir predates the first
         self._live = _Snapshot(name, self._seq, revision)
-        affected = self._track(files, None if first else changed)
-        try:  # (6)
-            self._sync_links(
-                affected | (self._top_counts.keys() | self._links if self._links_dirty else set())
-            )
-            self._links_dirty = False
-        except OSError as err:  # the snapshot is live; the links are mended next time
-            self._links_dirty = True
-            log.warning("r%d: could not update the top-level links: %s", revision, err)
+        self._links.update(files, None if first else changed, f"r{revision}")  # (6)
         return True
 
     def rollback(self) -> str:
@@ -284,11 +245,11 @@ class SnapshotWriter:
         name = previous if isinstance(previous, str) else previous.name
         tmp_link = self.target / TMP_LINK
         try:
-            _remove(tmp_link)
+            remove(tmp_link)
             os.symlink(name, tmp_link)
             os.replace(tmp_link, self.target / DATA_LINK)
         except OSError as err:
-            _remove(tmp_link)
+            remove(tmp_link)
             raise SnapshotError(err.errno, f"could not put {name} back: {err}") from err
         self._previous = None
         rejected.retired_at = self.clock()
@@ -296,8 +257,8 @@ class SnapshotWriter:
             self._unknown.remove(previous)
             self._adopted, self._live = previous, None
             self._unknown.append(rejected.name)
-            on_disk = {p: b"" for p in _files_under(self.target / previous)}
-            affected = self._track(on_disk, None)
+            on_disk = {p: b"" for p in files_under(self.target / previous)}
+            self._links.update(on_disk, None, f"back to {name}")
         else:
             paths = self._journal[-1]
             self._journal.append(set(paths))  # the way back touches the same paths
@@ -305,12 +266,7 @@ class SnapshotWriter:
             self._spares.append(rejected)
             self._live = previous
             back = {p: b"" for p in paths if (self.target / name / p).is_file()}
-            affected = self._track(back, paths)
-        try:
-            self._sync_links(affected)
-        except OSError as err:
-            self._links_dirty = True
-            log.warning("could not update the top-level links: %s", err)
+            self._links.update(back, paths, f"back to {name}")
         return name
 
     @property
@@ -341,7 +297,7 @@ class SnapshotWriter:
         live = self.target / self._live.name
         made: set[Path] = {path}
         self._make_dir(path, exist_ok=True)
-        for rel in self._live_paths:
+        for rel in self._links.live_paths:
             dest = path / rel
             self._make_parents(dest, path, made)
             os.link(live / rel, dest)
@@ -359,7 +315,7 @@ class SnapshotWriter:
         for rel in delta:
             if rel not in files:
                 dest = root / rel
-                if _unlink_file(dest):
+                if unlink_file(dest):
                     dirs.add(dest.parent)
                     self._prune_empty(dest.parent, root, dirs)
         made: set[Path] = {root}
@@ -374,7 +330,7 @@ class SnapshotWriter:
             else:
                 # Never truncate: the old inode may be shared with another
                 # snapshot, or still open in a reader. A new one replaces it.
-                _unlink_file(dest)
+                unlink_file(dest)
                 self._write_file(dest, value, fsync_each, from_pool=True)
             dirs.add(dest.parent)
         return dirs | made
@@ -395,7 +351,7 @@ class SnapshotWriter:
                 os.fsync(fd)
         except OSError:
             if pooled is not None:
-                _unlink_file(pooled)
+                unlink_file(pooled)
             raise
         finally:
             os.close(fd)
@@ -444,46 +400,6 @@ class SnapshotWriter:
             directory = directory.parent
             dirs.add(directory)
 
-    def _track(self, files: Mapping[str, bytes], changed: Collection[str] | None) -> set[str]:
-        """Update the live paths and per-name counts (memory only); the top names affected."""
-        if changed is None:
-            self._live_paths = set(files)
-            self._top_counts = Counter(top_level(p) for p in self._live_paths)
-            return set(self._top_counts) | self._links
-        affected = set()
-        for rel in changed:
-            was, now = rel in self._live_paths, rel in files
-            if was == now:
-                continue
-            top = top_level(rel)
-            affected.add(top)
-            if now:
-                self._live_paths.add(rel)
-                self._top_counts[top] += 1
-            else:
-                self._live_paths.discard(rel)
-                self._top_counts[top] -= 1
-        return affected
-
-    def _sync_links(self, affected: set[str]) -> None:
-        """Keep one ``name -> ..data/name`` link per top-level name that has files."""
-        for top in affected:
-            link = self.target / top
-            if self._top_counts[top] > 0 and top not in self._links:
-                try:
-                    os.symlink(f"{DATA_LINK}/{top}", link)
-                except FileExistsError:  # a dangling one of ours: replace it atomically
-                    tmp = self.target / TMP_TOP_LINK
-                    _remove(tmp)
-                    os.symlink(f"{DATA_LINK}/{top}", tmp)
-                    os.replace(tmp, link)
-                self._links.add(top)
-            elif self._top_counts[top] <= 0:
-                self._top_counts.pop(top, None)
-                if top in self._links:
-                    _remove(link)
-                    self._links.discard(top)
-
     # -- after the signal -------------------------------------------------
 
     def finish(self, prepare: bool = True) -> None:
@@ -497,10 +413,10 @@ class SnapshotWriter:
         self._previous = None
         try:
             if self._unsynced:
-                _syncfs(self.target)
+                syncfs(self.target)
                 self._unsynced = False
             else:
-                _fsync_dir(self.target)
+                fsync_dir(self.target)
         except OSError as err:
             log.warning("could not make the snapshot durable: %s", err)
         if self._unknown:
@@ -518,7 +434,7 @@ class SnapshotWriter:
             excess -= 1
         for name in doomed:
             try:
-                _remove(self.target / name)
+                remove(self.target / name)
             except OSError as err:
                 log.warning("could not remove old snapshot %s: %s", name, err)
         seqs = [s.seq for s in self._spares]
@@ -547,7 +463,7 @@ class SnapshotWriter:
         try:
             self._link_tree(self.target / name)
         except OSError:
-            _remove(self.target / name)
+            remove(self.target / name)
             raise
         self._spares.append(_Snapshot(name, live.seq, live.revision, self.clock() - self.grace))
 
@@ -565,37 +481,3 @@ class SnapshotWriter:
         """Snapshot directories this writer keeps: the live one and the spares."""
         live = [self._live.name] if self._live else [self._adopted] if self._adopted else []
         return live + [spare.name for spare in self._spares]
-
-
-def _files_under(root: Path) -> list[str]:
-    """Every file under ``root``, as paths relative to it."""
-    return [
-        os.path.relpath(os.path.join(parent, name), root)
-        for parent, _dirs, names in os.walk(root)
-        for name in names
-    ]
-
-
-def _unlink_file(path: Path) -> bool:
-    """Remove a file if there is one; return whether one was removed."""
-    try:
-        os.unlink(path)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return False
-    except PermissionError:  # EPERM: unlink() on a directory, on some systems
-        if not path.is_dir():
-            raise
-        return False
-    return True
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, link or directory tree; a missing one is fine."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
