@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -192,9 +193,16 @@ code, output = supervisor.run_check("echo out; echo err >&2; exit 0")
 print(sorted(set(codes)), code, output.split())
 supervisor.send(signal.SIGKILL)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
-    assert result.stdout.strip() == "[7] 0 ['out', 'err']", result.stderr
+    # Its own session, so that everything it started goes, even if it fails or hangs.
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert out.strip() == "[7] 0 ['out', 'err']", err
 
 
 def test_stopped_and_continued_supervisor_keeps_working(tmp_path: Path) -> None:
