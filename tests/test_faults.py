@@ -60,6 +60,11 @@ class Watched:
     def starts(self) -> int:
         return sum(1 for line in self.lines() if line.startswith("start"))
 
+    def wait_resynced(self, timeout: float = 20) -> None:
+        """Until it connected again and its full read is applied (a new snapshot or none)."""
+        busy_wait(lambda: self.proc.log().count("connected to") >= 2, timeout=timeout)
+        time.sleep(0.5)  # the read's snapshot, if any, follows the connected line at once
+
     def wait_tree(self, expected: dict[str, bytes], timeout: float = 20) -> None:
         def matches() -> bool:
             assert self.proc.proc.poll() is None, self.proc.log()
@@ -145,7 +150,7 @@ def test_etcd_killed_and_restarted(
     busy_wait(lambda: "etcd sync failed (attempt 2)" in w.proc.log(), timeout=20)
     time.sleep(1)
     server.start()  # same data, same ports
-    busy_wait(lambda: w.proc.log().count(": read: ") >= 1, timeout=20)  # resynced
+    w.wait_resynced()
     w.stop_sampling()
     assert w.signals() == 0  # nothing changed while it was down: no signal
     client = server.client()
@@ -199,7 +204,7 @@ def test_frozen_etcd_is_noticed_and_survived(
         busy_wait(lambda: "liveness check failed" in w.proc.log(), timeout=10)
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
-    busy_wait(lambda: w.proc.log().count(": read: ") >= 1, timeout=20)
+    w.wait_resynced()
     w.stop_sampling()
     client.put("/certs/a", "2")
     w.wait_tree({"a": b"2"})
@@ -271,7 +276,7 @@ def test_auth_password_changed_and_restored(
     busy_wait(lambda: "authentication failed" in w.proc.log(), timeout=20)
     assert "invalid auth token" in w.proc.log()  # what etcd answered the old token
     etcdctl(server, "user", "passwd", "reader", "--interactive=false", stdin="pw\n")
-    busy_wait(lambda: w.proc.log().count(": read: ") >= 1, timeout=20)
+    w.wait_resynced()
     w.stop_sampling()
     etcdctl(server, "put", "/certs/a", "2")
     w.wait_tree({"a": b"2"})
@@ -340,4 +345,26 @@ def test_wait_window_survives_an_etcd_restart(
     server.start()
     w.wait_tree({"a": b"2"}, timeout=30)
     busy_wait(lambda: w.signals() == 1, timeout=10)
+    assert w.starts() == 1
+
+
+def test_auth_user_removed_and_added_again(
+    own_etcd: Callable[..., EtcdServer], watched: Callable[..., Watched]
+) -> None:
+    server = own_etcd()
+    server.client().put("/certs/a", "1")
+    for i, args in enumerate(AUTH_SETUP):
+        etcdctl(server, *args, user=None if i == 0 or args[0] == "auth" else "root:rootpw")
+    w = watched(server.endpoint, env={"ETCD_USERNAME": "reader", "ETCD_PASSWORD": "pw"})
+    w.wait_tree({"a": b"1"})
+    w.sample_while({"a": b"1"})
+    etcdctl(server, "user", "delete", "reader")
+    busy_wait(lambda: "authentication failed" in w.proc.log(), timeout=20)
+    etcdctl(server, "user", "add", "reader:pw")
+    etcdctl(server, "user", "grant-role", "reader", "reader")
+    w.wait_resynced()
+    w.stop_sampling()
+    etcdctl(server, "put", "/certs/a", "2")
+    w.wait_tree({"a": b"2"})
+    busy_wait(lambda: w.signals() == 1)
     assert w.starts() == 1
