@@ -30,7 +30,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         options.mode,
         options.uid,
         options.gid,
-        # Only a child reads the first snapshot, and only once it is synced: see snapshot.py.
+        # Safe only when our own child is the first snapshot's only reader: see snapshot.py.
         defer_first_sync=bool(options.command) and not options.once,
     )
     try:
