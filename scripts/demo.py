@@ -87,10 +87,14 @@ def main() -> int:
         show_served(port)
 
         say(f"the files nginx reads, in {target}")
+        live = os.readlink(target / "..data")
+        notes = {live: "  (live: every key at one revision)", "..pool": "  (empty files, ready)"}
         for entry in sorted(os.listdir(target)):
             path = target / entry
             link = f" -> {os.readlink(path)}" if path.is_symlink() else "/"
-            print(f"   {entry}{link}")
+            note = notes.get(entry, "  (spare copy, reused by a change)" if entry[2:3].isdigit()
+                             else "")  # fmt: skip
+            print(f"   {entry}{link}{note}")
 
         time.sleep(1.0)  # a change in nginx's first second would wait for it to settle
         say("rotating: certificate CN=demo-2 and its key written to etcd, one transaction")
