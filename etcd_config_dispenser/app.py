@@ -75,7 +75,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         if not dispenser.first_sync.is_set():
             return 1  # --once could not read etcd, or the loop failed: logged there
         if options.once:
-            return 0
+            return 1 if dispenser.first_rejected else 0
         code = supervisor.spawn()
         if code is not None:
             return code

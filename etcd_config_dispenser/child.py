@@ -109,8 +109,8 @@ class Supervisor:
         except FileNotFoundError:
             log.error("cannot start %s: command not found", self.argv[0])
             return 127
-        except PermissionError:
-            log.error("cannot start %s: permission denied", self.argv[0])
+        except OSError as err:  # not executable, not a program, a file in the path...
+            log.error("cannot start %s: %s", self.argv[0], err.strerror)
             return 126
         with self._lock:
             self.pid = pid

@@ -106,19 +106,34 @@ class Options:
     command: list[str]
 
 
+def _missing_flag(argv: list[str]) -> str | None:
+    """docopt's message for a missing required flag names none: name it."""
+    given = argv[: argv.index("--")] if "--" in argv else argv
+    if any(arg in ("-h", "--help", "--version") for arg in given):
+        return None
+    for long, short in (("--prefix", "-p"), ("--target", "-t")):
+        if not any(arg.startswith((long, short)) for arg in given):
+            return f"{long} is required"
+    return None
+
+
 def parse_signal(text: str) -> signal.Signals:
-    """'HUP', 'SIGHUP', 'sighup' or '1'."""
+    """'HUP', 'SIGHUP', 'sighup' or '1'; not one a program cannot handle."""
     if text.isdigit():
         try:
-            return signal.Signals(int(text))
+            sig = signal.Signals(int(text))
         except ValueError:
             raise UsageError(f"--signal: unknown signal number {text}") from None
-    name = text.upper()
-    name = name if name.startswith("SIG") else "SIG" + name
-    try:
-        return signal.Signals[name]
-    except KeyError:
-        raise UsageError(f"--signal: unknown signal {text!r}") from None
+    else:
+        name = text.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        try:
+            sig = signal.Signals[name]
+        except KeyError:
+            raise UsageError(f"--signal: unknown signal {text!r}") from None
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        raise UsageError(f"--signal: {sig.name} cannot be handled, so it cannot mean 'reload'")
+    return sig
 
 
 def parse_mode(text: str) -> int:
@@ -231,7 +246,7 @@ def parse_args(argv: list[str] | None) -> Options:
     try:
         args = docopt(USAGE, argv=argv, version=f"{PROG} {__version__}")
     except DocoptExit as err:
-        raise UsageError(str(err).splitlines()[0] or "bad arguments") from None
+        raise UsageError(_missing_flag(argv or []) or str(err).splitlines()[0]) from None
     uid = parse_id(args["--owner"], "--owner", "user")
     gid = parse_id(args["--group"], "--group", "group")
     if os.geteuid() != 0 and (uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid())):

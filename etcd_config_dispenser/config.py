@@ -37,8 +37,13 @@ class Endpoint:
     port: int
     tls: bool
 
+    @property
+    def address(self) -> str:
+        """The host as gRPC and URLs want it: an IPv6 address in brackets."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
     def __str__(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.address}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -97,12 +102,16 @@ def parse_endpoint(text: str, default_tls: bool) -> Endpoint:
     url = urlsplit(text if "://" in text else f"//{text}")
     if url.scheme not in ("", "http", "https") or not url.hostname:
         raise ConfigError(f"invalid endpoint in ETCD_ENDPOINTS: {text!r}")
+    if url.username is not None or url.password is not None:
+        raise ConfigError("credentials in ETCD_ENDPOINTS: use ETCD_USERNAME and ETCD_PASSWORD")
     try:
-        port = url.port or 2379
+        port = url.port
     except ValueError:
         raise ConfigError(f"invalid port in ETCD_ENDPOINTS: {text!r}") from None
+    if port == 0:
+        raise ConfigError(f"invalid port in ETCD_ENDPOINTS: {text!r}")
     tls = url.scheme == "https" or (url.scheme == "" and default_tls)
-    return Endpoint(url.hostname, port, tls)
+    return Endpoint(url.hostname, port or 2379, tls)
 
 
 def load(environ: Mapping[str, str]) -> EtcdConfig:

@@ -63,6 +63,7 @@ class Dispenser:
         self.stopping = threading.Event()
         self.done = threading.Event()
         self._pending: set[str] = set()
+        self.first_rejected = False  # --check refused the first snapshot (--once exits 1)
         target_len = len(os.fsencode(writer.target))
         self.max_path = MAX_PATH - target_len - SNAPSHOT_NAME_MAX - 2
 
@@ -302,6 +303,7 @@ class Dispenser:
         checked = self.check is not None and self.writer.can_roll_back
         if checked and not self._checked(revision, changed):
             if first:  # the child starts, with the snapshot that was put back
+                self.first_rejected = True
                 self.stats.first_sync = True
                 self.first_sync.set()
             self.writer.finish(prepare=not self.once)

@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .fsops import files_under, fsync_dir, remove, syncfs, unlink_file
-from .links import DATA_LINK, TopLinks
+from .links import DATA_LINK, TMP_TOP_LINK, TopLinks
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,14 @@ SNAPSHOT_NAME_MAX = 64  # "..YYYY_MM_DD_HH_MM_SS.NNNNNNNNN.r<revision>", with ro
 
 class SnapshotError(OSError):
     """A snapshot could not be made live. The previous one is still served."""
+
+
+_SNAPSHOT_NAME = re.compile(r"\.\.\d{4}_\d\d_\d\d_\d\d_\d\d_\d\d\.\d{9}\.r\d+")
+
+
+def _is_ours(name: str) -> bool:
+    """A name this tool makes in the target: a snapshot directory or a temporary."""
+    return name in (TMP_LINK, TMP_TOP_LINK, POOL_DIR) or bool(_SNAPSHOT_NAME.fullmatch(name))
 
 
 def dir_mode(file_mode: int) -> int:
@@ -131,7 +140,8 @@ class SnapshotWriter:
         A leftover ``..data_tmp`` and every snapshot directory that ``..data``
         does not point to (half-built or stale) are removed. The live one keeps
         being served until the first publish replaces it. Entries that this
-        tool did not write are never touched: their presence is an error.
+        tool did not write are never touched: their presence is an error,
+        found before anything is removed.
         """
         os.makedirs(self.target.parent, exist_ok=True)
         self._make_dir(self.target, exist_ok=True)
@@ -139,18 +149,14 @@ class SnapshotWriter:
         data = self.target / DATA_LINK
         if data.is_symlink():
             live_name = os.readlink(data)
-        foreign = []
+        ours, foreign, links = [], [], []
         for entry in os.scandir(self.target):
-            if entry.name == DATA_LINK:
+            if entry.name in (DATA_LINK, live_name):
                 continue
-            if entry.name.startswith(SNAPSHOT_PREFIX):
-                if entry.name == live_name:
-                    self._adopted = entry.name
-                    continue
-                log.info("recover: removing leftover %s", entry.name)
-                remove(Path(entry.path))
+            if _is_ours(entry.name):
+                ours.append(entry.name)
             elif entry.is_symlink() and os.readlink(entry.path) == f"{DATA_LINK}/{entry.name}":
-                self._links.adopt(entry.name)
+                links.append(entry.name)
             else:
                 foreign.append(entry.name)
         if foreign:
@@ -158,6 +164,12 @@ class SnapshotWriter:
                 f"target {self.target} holds entries not written by etcd-config-dispenser: "
                 f"{', '.join(sorted(foreign)[:5])}; move them away or choose an empty directory"
             )
+        for name in ours:
+            log.info("recover: removing leftover %s", name)
+            remove(self.target / name)
+        for name in links:
+            self._links.adopt(name)
+        self._adopted = live_name if live_name and (self.target / live_name).is_dir() else None
         return live_name
 
     # -- publish ----------------------------------------------------------

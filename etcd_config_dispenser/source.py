@@ -160,7 +160,7 @@ class EtcdSource:
         try:
             tls = self._tls(endpoint, options) if endpoint.tls else None
             self._client = _Client(
-                host=endpoint.host,
+                host=endpoint.address,
                 port=endpoint.port,
                 ca_cert=tls,
                 timeout=self.timeout,

@@ -62,6 +62,8 @@ def test_owner_and_group_by_name_and_number() -> None:
         (["-p", "/x", "-t", "o", "--mode=1777"], "--mode"),
         (["-p", "/x", "-t", "o", "--signal=SIGNOPE"], "--signal"),
         (["-p", "/x", "-t", "o", "--signal=999"], "--signal"),
+        (["-p", "/x", "-t", "o", "--signal=KILL"], "--signal: SIGKILL cannot be handled"),
+        (["-p", "/x", "-t", "o", "--signal=19"], "--signal: SIGSTOP"),
         (["-p", "/x", "-t", "o", "--owner=no-such-user-here"], "--owner"),
         (["-p", "/x", "-t", "o", "--group=no-such-group-here"], "--group"),
         (["-p", "/x", "-t", "o", "--kill-timeout=soon"], "--kill-timeout"),
@@ -79,7 +81,9 @@ def test_bad_values_name_the_flag(args: list[str], flag: str) -> None:
     [
         (["--prefix=/x", "--mode=9z", "--target=o"], "--mode"),
         (["--prefix=/x", "--target=o", "--signal=NOPE"], "--signal"),
-        (["--prefix=/x"], "Usage:"),  # missing --target
+        (["--prefix=/x"], "--target is required"),
+        (["-t", "o"], "--prefix is required"),
+        ([], "--prefix is required"),
         (["--prefix=/x", "--target=o", "--no-such-flag"], "--no-such-flag"),
         (["--prefix=/x", "--target=o", "--owner=no-such-user-here"], "--owner"),
     ],

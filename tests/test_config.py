@@ -29,10 +29,17 @@ def test_defaults_to_local_etcd_without_auth() -> None:
         ("http://a:1,https://b:2", (Endpoint("a", 1, False), Endpoint("b", 2, True))),
         (" a:1 , b:2 ", (Endpoint("a", 1, False), Endpoint("b", 2, False))),
         ("etcd", (Endpoint("etcd", 2379, False),)),
+        ("[::1]:23", (Endpoint("::1", 23, False),)),
+        ("https://[::1]", (Endpoint("::1", 2379, True),)),
     ],
 )
 def test_endpoints(text: str, endpoints: tuple[Endpoint, ...]) -> None:
     assert load({"ETCD_ENDPOINTS": text}).endpoints == endpoints
+
+
+def test_ipv6_endpoint_keeps_its_brackets_for_grpc() -> None:
+    (endpoint,) = load({"ETCD_ENDPOINTS": "[::1]:2379"}).endpoints
+    assert endpoint.address == "[::1]" and str(endpoint) == "http://[::1]:2379"
 
 
 @pytest.mark.parametrize(
@@ -40,6 +47,8 @@ def test_endpoints(text: str, endpoints: tuple[Endpoint, ...]) -> None:
     [
         ({"ETCD_ENDPOINTS": "ftp://h:1"}, "invalid endpoint"),
         ({"ETCD_ENDPOINTS": "h:notaport"}, "invalid port"),
+        ({"ETCD_ENDPOINTS": "h:0"}, "invalid port"),
+        ({"ETCD_ENDPOINTS": "http://u:p@h:1"}, "use ETCD_USERNAME"),
         ({"ETCD_ENDPOINTS": ","}, "names no endpoint"),
         ({"ETCD_PASSWORD": "p"}, "ETCD_USERNAME is not"),
         ({"ETCD_USERNAME": "u"}, "ETCD_PASSWORD is not"),

@@ -342,3 +342,15 @@ def test_check_at_start_keeps_the_previous_runs_snapshot(
     assert seen.read_text() == "good"  # the child started with the snapshot put back
     assert "check failed" in proc.log()
     assert read_tree(target) == {"conf": b"good"}
+
+
+def test_once_with_a_rejected_snapshot_fails(
+    etcd: object, prefix: str, target: Path, dispenser: Start
+) -> None:
+    """An init container must not carry on when --check refused what etcd holds."""
+    etcd.put(prefix + "conf", b"good")  # type: ignore[attr-defined]
+    assert dispenser("--once").wait() == 0
+    etcd.put(prefix + "conf", b"bad")  # type: ignore[attr-defined]
+    proc = dispenser("--once", f'--check=test "$(cat {target}/conf)" != bad')
+    assert proc.wait() == 1, proc.log()
+    assert read_tree(target) == {"conf": b"good"}

@@ -13,6 +13,7 @@ import pytest
 from helpers import (
     CERT_NAME,
     KEY_NAME,
+    NGINX,
     DispenserProcess,
     busy_wait,
     free_port,
@@ -103,7 +104,7 @@ def test_check_rejects_a_mismatched_pair_and_keeps_serving(
     port = free_port()
     workdir = tmp_path / "nginx"
     conf = write_nginx_conf(workdir, port, target)
-    check = f"nginx -t -p {workdir} -c {conf}"
+    check = f"{NGINX} -t -p {workdir} -c {conf}"
     proc = dispenser(f"--check={check}", command=nginx_command(workdir, conf))
     busy_wait(lambda: same_cert(served_cert(port), good[0]), timeout=20)
     time.sleep(1.2)  # past the start-up settle, so a signal would go out at once

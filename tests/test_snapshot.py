@@ -351,3 +351,18 @@ def test_rollback_to_the_snapshot_a_previous_process_left(tmp_path: Path) -> Non
     writer.finish()
     assert_only_kept(target, writer)
     assert adopted not in snapshot_dirs(target)
+
+
+def test_recover_refuses_before_removing_anything(tmp_path: Path) -> None:
+    """A '..' name that is not one of ours is somebody's: nothing is removed."""
+    target = tmp_path / "config"
+    make_writer(target)
+    leftover = target / "..2026_01_01_00_00_00.000000001.r2"
+    leftover.mkdir()
+    backup = target / "..user-backup"
+    backup.mkdir()
+    (backup / "f").write_text("mine")
+    with pytest.raises(SnapshotError, match=r"\.\.user-backup"):
+        SnapshotWriter(target).recover()
+    assert (backup / "f").read_text() == "mine"
+    assert leftover.is_dir()  # not even our own debris is touched before refusing

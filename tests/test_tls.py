@@ -106,5 +106,5 @@ def test_insecure_skip_verify_with_a_name_the_certificate_lacks(
         tmp_path / "dispenser.log",
     )  # fmt: skip
     assert proc.wait(30) == 0, proc.log()
-    assert "grpc.ssl_target_name_override" not in proc.log()
+    assert "WITHOUT verification" in proc.log()
     assert read_tree(tmp_path / "config") == {"a": b"over tls"}
