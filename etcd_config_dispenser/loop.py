@@ -87,8 +87,10 @@ class Dispenser:
                     stop = stop | tenacity.stop_after_attempt(ONCE_ATTEMPTS)
                 retrying = tenacity.Retrying(
                     retry=tenacity.retry_if_exception_type((EtcdUnavailable, SnapshotError)),
-                    wait=tenacity.wait_exponential(multiplier=0.2, max=self.backoff_max)
-                    + tenacity.wait_random(0, 0.2),
+                    # Exponential with jitter, never above --backoff-max: half of
+                    # it grows steadily, the other half is random ("equal jitter").
+                    wait=tenacity.wait_exponential(multiplier=0.1, max=self.backoff_max / 2)
+                    + tenacity.wait_random_exponential(multiplier=0.1, max=self.backoff_max / 2),
                     stop=stop,
                     sleep=self._sleep,
                     before_sleep=self._log_retry,

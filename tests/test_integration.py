@@ -354,3 +354,32 @@ def test_once_with_a_rejected_snapshot_fails(
     proc = dispenser("--once", f'--check=test "$(cat {target}/conf)" != bad')
     assert proc.wait() == 1, proc.log()
     assert read_tree(target) == {"conf": b"good"}
+
+
+def test_backoff_grows_with_jitter_and_never_passes_the_cap(target: Path) -> None:
+    """The retry waits against a real unreachable endpoint, recorded instead of slept."""
+    from helpers import free_port
+
+    from etcd_config_dispenser.config import load
+    from etcd_config_dispenser.loop import Dispenser
+    from etcd_config_dispenser.snapshot import SnapshotWriter
+    from etcd_config_dispenser.source import EtcdSource
+
+    source = EtcdSource(load({"ETCD_ENDPOINTS": f"127.0.0.1:{free_port()}"}), b"/p/", timeout=1)
+    writer = SnapshotWriter(target)
+    writer.recover()
+    dispenser = Dispenser(source, writer, notify=lambda: None, backoff_max=0.8)
+    sleeps: list[float] = []
+
+    def record(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 12:
+            dispenser.stopping.set()
+
+    dispenser._sleep = record  # type: ignore[method-assign]
+    dispenser.run()
+    assert len(sleeps) == 12
+    assert all(0 < s <= 0.8 for s in sleeps)  # the cap holds, jitter included
+    assert sleeps[0] < 0.25  # it starts small...
+    assert all(s >= 0.4 for s in sleeps[4:])  # ...and its steady half reaches cap/2
+    assert len({round(s, 6) for s in sleeps[4:]}) > 1  # and the other half is random
