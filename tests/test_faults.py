@@ -270,14 +270,19 @@ def etcdctl(server: EtcdServer, *args: str, user: str | None = "root:rootpw",
     return result.stdout
 
 
+def enable_auth(server: EtcdServer) -> None:
+    """root, and a user 'reader' (password 'pw') who may only read /certs/; then auth on."""
+    for i, args in enumerate(AUTH_SETUP):
+        etcdctl(server, *args, user=None if i == 0 or args[0] == "auth" else "root:rootpw")
+
+
 def test_auth_password_changed_and_restored(
     own_etcd: Callable[..., EtcdServer], watched: Callable[..., Watched]
 ) -> None:
     server = own_etcd()
     server.client().put("/certs/a", "1")
     server.client().put("/secret/x", "not for the reader")
-    for i, args in enumerate(AUTH_SETUP):
-        etcdctl(server, *args, user=None if i == 0 or args[0] == "auth" else "root:rootpw")
+    enable_auth(server)
     w = watched(server.endpoint, env={"ETCD_USERNAME": "reader", "ETCD_PASSWORD": "pw"})
     w.wait_tree({"a": b"1"})
     w.sample_while({"a": b"1"})
@@ -299,8 +304,7 @@ def test_auth_permission_revoked(
 ) -> None:
     server = own_etcd()
     server.client().put("/certs/a", "1")
-    for i, args in enumerate(AUTH_SETUP):
-        etcdctl(server, *args, user=None if i == 0 or args[0] == "auth" else "root:rootpw")
+    enable_auth(server)
     w = watched(server.endpoint, env={"ETCD_USERNAME_AND_PASSWORD": "reader:pw"})
     w.wait_tree({"a": b"1"})
     etcdctl(server, "role", "revoke-permission", "reader", "/certs/", "--prefix=true")
@@ -362,8 +366,7 @@ def test_auth_user_removed_and_added_again(
 ) -> None:
     server = own_etcd()
     server.client().put("/certs/a", "1")
-    for i, args in enumerate(AUTH_SETUP):
-        etcdctl(server, *args, user=None if i == 0 or args[0] == "auth" else "root:rootpw")
+    enable_auth(server)
     w = watched(server.endpoint, env={"ETCD_USERNAME": "reader", "ETCD_PASSWORD": "pw"})
     w.wait_tree({"a": b"1"})
     w.sample_while({"a": b"1"})
