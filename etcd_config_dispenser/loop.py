@@ -243,6 +243,11 @@ class Dispenser:
             self.source.interrupt(later=False)  # this reader's stream if still open, no other
             reader.join(5.0)
 
+    def _first_sync_done(self) -> None:
+        """A snapshot is live: the child may start, /healthz may say ok."""
+        self.stats.first_sync = True
+        self.first_sync.set()
+
     def _count_snapshot(self, revision: int) -> None:
         self.stats.revision = revision
         self.stats.snapshots += 1
@@ -306,15 +311,13 @@ class Dispenser:
         if checked and not self._checked(revision, changed):
             if first:  # the child starts, with the snapshot that was put back
                 self.first_rejected = True
-                self.stats.first_sync = True
-                self.first_sync.set()
+                self._first_sync_done()
             self.writer.finish(prepare=not self.once)
             return
         if first:
             log.info("r%d: %s: first snapshot live, %d files", revision, how, len(self.tree.files))
             self._count_snapshot(revision)
-            self.stats.first_sync = True
-            self.first_sync.set()
+            self._first_sync_done()
         else:
             self._count_snapshot(revision)
             self.notify()

@@ -71,6 +71,37 @@ def tree_is(target: Path, expected: dict[str, bytes]) -> bool:
         return False
 
 
+def wait_tree(
+    target: Path, expected: dict[str, bytes], proc: DispenserProcess, timeout: float = 10
+) -> None:
+    """Until the user sees ``expected``; fail at once, with the log, if the dispenser exits."""
+
+    def matches() -> bool:
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"dispenser exited {proc.proc.returncode}:\n{proc.log()}")
+        return tree_is(target, expected)
+
+    try:
+        busy_wait(matches, timeout=timeout)
+    except AssertionError:
+        current = read_tree(target) if (target / "..data").exists() else None
+        raise AssertionError(f"tree {current} != {expected}\n{proc.log()}") from None
+
+
+# A child that records its pid once at start (restarts are counted), its
+# environment (in OUT.env) and a line per SIGHUP (signals are counted).
+RECORDER = """
+import json, os, signal, sys, time
+out = sys.argv[1]
+json.dump(dict(os.environ), open(out + ".env", "w"))
+signal.signal(signal.SIGHUP, lambda s, f: open(out, "a").write("HUP\\n"))
+with open(out, "a") as f:
+    f.write(f"start {os.getpid()}\\n")
+while True:
+    time.sleep(1)
+"""
+
+
 def dir_files(root: Path) -> dict[str, bytes]:
     """Every file under one snapshot directory, by relative path."""
     out = {}

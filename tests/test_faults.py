@@ -18,27 +18,17 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    RECORDER,
     DispenserProcess,
     EtcdServer,
     busy_wait,
     read_tree,
     start_cluster,
-    tree_is,
     txn_put,
+    wait_tree,
 )
 
 pytestmark = pytest.mark.integration
-
-# Records its pid once at start and a line per SIGHUP: restarts and signals are counted.
-RECORDER = """
-import os, signal, sys, time
-out = sys.argv[1]
-with open(out, "a") as f:
-    f.write(f"start {os.getpid()}\\n")
-signal.signal(signal.SIGHUP, lambda s, f: open(out, "a").write("HUP\\n"))
-while True:
-    time.sleep(1)
-"""
 
 
 class Watched:
@@ -66,15 +56,7 @@ class Watched:
         time.sleep(0.5)  # the read's snapshot, if any, follows the connected line at once
 
     def wait_tree(self, expected: dict[str, bytes], timeout: float = 20) -> None:
-        def matches() -> bool:
-            assert self.proc.proc.poll() is None, self.proc.log()
-            return tree_is(self.target, expected)
-
-        try:
-            busy_wait(matches, timeout=timeout)
-        except AssertionError:
-            tree = read_tree(self.target)
-            raise AssertionError(f"{tree} != {expected}\n{self.proc.log()}") from None
+        wait_tree(self.target, expected, self.proc, timeout)
 
     def sample_while(self, *allowed: dict[str, bytes]) -> None:
         """From now on, every read of the files must give one of ``allowed``."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    RECORDER,
     DispenserProcess,
     busy_wait,
     dir_files,
@@ -19,6 +20,7 @@ from helpers import (
     snapshot_dirs,
     tree_is,
     txn_put,
+    wait_tree,
 )
 
 pytestmark = pytest.mark.integration
@@ -42,34 +44,10 @@ while True:
     time.sleep(1)
 """
 
-# A child that records its environment and every SIGHUP.
-RECORDER = """
-import json, os, signal, sys, time
-out = sys.argv[1]
-json.dump(dict(os.environ), open(out + ".env", "w"))
-signal.signal(signal.SIGHUP, lambda s, f: open(out, "a").write("HUP\\n"))
-open(out, "a").close()
-while True:
-    time.sleep(1)
-"""
-
 
 def put_all(etcd: object, prefix: str, items: dict[str, bytes]) -> None:
     for name, value in items.items():
         etcd.put(prefix + name, value)  # type: ignore[attr-defined]
-
-
-def wait_tree(target: Path, expected: dict[str, bytes], proc: DispenserProcess) -> None:
-    def matches() -> bool:
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"dispenser exited {proc.proc.returncode}:\n{proc.log()}")
-        return tree_is(target, expected)
-
-    try:
-        busy_wait(matches, timeout=10)
-    except AssertionError:
-        current = read_tree(target) if (target / "..data").exists() else None
-        raise AssertionError(f"tree {current} != {expected}\n{proc.log()}") from None
 
 
 def test_files_follow_etcd_create_update_delete(
