@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 
 from . import health
 from .child import Supervisor, become_subreaper, block_signals
 from .cli import Options
 from .config import EtcdConfig, child_environ
 from .health import Stats
-from .loop import Dispenser
+from .publisher import Publisher
+from .session import Ended, EtcdSession, Event
 from .snapshot import SnapshotWriter
 from .source import EtcdSource
 
@@ -23,6 +25,11 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     block_signals()
     if os.getpid() != 1:
         become_subreaper()
+    if "ETCD_PASSWORD" in os.environ or "ETCD_USERNAME_AND_PASSWORD" in os.environ:
+        log.warning(
+            "the etcd password is in this process's environment, which processes of the same "
+            "user can read (/proc/PID/environ): use ETCD_PASSWORD_FILE instead"
+        )
     if etcd.insecure_skip_verify:
         log.warning("ETCD_INSECURE_SKIP_VERIFY is set: the etcd server is NOT verified")
     writer = SnapshotWriter(
@@ -36,11 +43,12 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     try:
         live = writer.recover()
     except OSError as err:
-        log.error("cannot use target: %s", err)
+        log.error("cannot use the target: %s", err)
         return 1
     if live:
         log.info("serving %s until the first sync replaces it", live)
     stats = Stats()
+    stats.serving = live
     if options.health_addr:
         try:
             health.serve(*options.health_addr, stats)
@@ -48,16 +56,23 @@ def run(options: Options, etcd: EtcdConfig) -> int:
             log.error("--health-addr: cannot listen on %s:%d: %s", *options.health_addr, err)
             return 2
     supervisor = Supervisor(options.command, child_environ(os.environ), options.kill_timeout)
-    source = EtcdSource(etcd, options.prefix)
-    dispenser = Dispenser(
-        source,
-        writer,
-        notify=lambda: supervisor.notify(options.signal),
+    inbox: queue.Queue[Event] = queue.Queue()
+    session = EtcdSession(
+        EtcdSource(etcd, options.prefix),
+        inbox,
+        stats,
         backoff_max=options.backoff_max,
+        once=options.once,
+    )
+    publisher = Publisher(
+        writer,
+        inbox,
+        options.prefix,
+        notify=lambda: supervisor.notify(options.signal),
+        stats=stats,
         once=options.once,
         wait=options.wait,
         check=(lambda: supervisor.run_check(check)) if (check := options.check) else None,
-        stats=stats,
     )
     log.info(
         "syncing prefix %r from %s into %s",
@@ -65,22 +80,25 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         ",".join(map(str, etcd.endpoints)),
         options.target,
     )
-    dispenser.start()
+    # The flow: etcd session -> inbox -> publisher (key rules, snapshot, signal).
+    publisher.start()
+    session.start()
     try:
         # Start the child only once its files exist.
-        stopped_by = supervisor.wait_for(dispenser.first_sync, dispenser.done)
+        stopped_by = supervisor.wait_for(publisher.first_sync, publisher.done)
         if stopped_by is not None:
             log.info("stopped by signal %d before the first sync", stopped_by)
             return 0
-        if not dispenser.first_sync.is_set():
-            return 1  # --once could not read etcd, or the loop failed: logged there
+        if not publisher.first_sync.is_set():
+            return 1  # --once could not read etcd or write the target: logged there
         if options.once:
-            return 1 if dispenser.first_rejected else 0
+            return 1 if publisher.first_rejected else 0
         code = supervisor.spawn()
         if code is not None:
             return code
         # Forward signals and reap until the child exits.
-        return supervisor.supervise(dispenser.done)
+        return supervisor.supervise(publisher.done)
     finally:
-        dispenser.stop()
-        dispenser.done.wait(5.0)
+        session.stop()
+        inbox.put(Ended())
+        publisher.done.wait(5.0)

@@ -12,8 +12,8 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import select
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -118,25 +118,31 @@ class Supervisor:
         log.info("started child pid %d: %s", pid, " ".join(self.argv))
         return None
 
-    def notify(self, signum: int) -> None:
+    def notify(self, signum: int) -> bool:
         """Tell the child its files changed; within START_SETTLE of its start, wait until then.
 
         Called from the sync thread only; forwarded signals go out at once.
+        Returns whether a signal was sent (not without a child).
         """
+        if self.pid is None:
+            return False
         time.sleep(max(0.0, self.started_at + START_SETTLE - time.monotonic()))
-        self.send(signum)
+        return self.send(signum)
 
-    def send(self, signum: int) -> None:
-        """Send a signal to the child, if it is running. Safe from any thread."""
+    def send(self, signum: int) -> bool:
+        """Send a signal to the child, if it is running; whether it was sent. Any thread."""
         with self._lock:
             if self.pid is None:
-                return
+                return False
             try:
                 os.kill(self.pid, signum)
             except ProcessLookupError:
                 log.warning("child pid %d is gone; %s not sent", self.pid, _name(signum))
+                return False
             except OSError as err:
                 log.warning("could not send %s to pid %d: %s", _name(signum), self.pid, err)
+                return False
+            return True
 
     def wait_for(self, *events: threading.Event, poll: float = 0.05) -> int | None:
         """Before the child starts: wait until one of ``events`` is set.
@@ -196,13 +202,13 @@ class Supervisor:
 
         Called from the sync thread. The process is reserved so that ``reap``
         leaves it to this method: the reaper would otherwise take its exit
-        status, and a failed check would look like a success.
+        status, and a failed check would look like a success. Only the last
+        CHECK_OUTPUT_MAX bytes of its output are ever held in memory.
         """
-        with tempfile.TemporaryFile() as out:
-            redirect = [
-                (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
-                (os.POSIX_SPAWN_DUP2, out.fileno(), 2),
-            ]
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        redirect = [(os.POSIX_SPAWN_DUP2, write_end, 1), (os.POSIX_SPAWN_DUP2, write_end, 2)]
+        tail = bytearray()
+        try:
             with self._lock:
                 try:
                     pid = os.posix_spawn(
@@ -212,23 +218,40 @@ class Supervisor:
                 except OSError as err:  # a check that cannot run has not passed
                     return 127, f"cannot run the check: {err}"
                 self._reserved.add(pid)
+            os.close(write_end)
+            write_end = -1
             try:
-                deadline = time.monotonic() + timeout
-                while True:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        break
-                    if time.monotonic() > deadline:
-                        log.warning("check still running after %.0fs: SIGKILL", timeout)
-                        os.kill(pid, signal.SIGKILL)
-                        deadline = float("inf")
-                    time.sleep(0.002)
+                status = self._wait_check(pid, read_end, tail, timeout)
             finally:
                 with self._lock:
                     self._reserved.discard(pid)
-            out.seek(0)
-            output = out.read()[-CHECK_OUTPUT_MAX:].decode(errors="replace")
-        return exit_code(status), output
+        finally:
+            os.close(read_end)
+            if write_end != -1:
+                os.close(write_end)
+        return exit_code(status), tail.decode(errors="replace")
+
+    def _wait_check(self, pid: int, output: int, tail: bytearray, timeout: float) -> int:
+        """Keep the tail of the check's output until it exits; its wait status."""
+        deadline = time.monotonic() + timeout
+        status: int | None = None
+        while True:
+            ready, _, _ = select.select([output], [], [], 0.0 if status is not None else 0.01)
+            if ready:
+                chunk = os.read(output, 65536)
+                if chunk:
+                    tail += chunk
+                    del tail[:-CHECK_OUTPUT_MAX]
+                    continue
+            if status is not None:  # exited, and nothing more to read (or EOF)
+                return status
+            done, wait_status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = wait_status
+            elif time.monotonic() > deadline:
+                log.warning("check still running after %.0fs: SIGKILL", timeout)
+                os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
 
     def reap(self) -> int | None:
         """Reap every exited process, orphans too (as PID 1); the child's code if it exited."""

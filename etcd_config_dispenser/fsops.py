@@ -1,66 +1,183 @@
-"""Filesystem primitives of the snapshot writer: sync, remove, list. No policy here."""
+"""Filesystem primitives of the snapshot writer, relative to open directories. No policy here.
+
+The target is shared territory, so every operation is made relative to an
+open directory, and every directory is opened with ``O_NOFOLLOW``: a symlink
+that someone plants in the target or in a snapshot directory, at any moment,
+is never followed. Writing or removing through a planted link fails (ELOOP,
+ENOTDIR) instead of reaching outside the target. Trees are walked with a
+loop, never with recursion: a deep tree costs iterations, not stack frames.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
-import shutil
 import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A directory entry that is a symlink where a directory was expected.
+NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)
 
-def syncfs(path: Path) -> None:
-    """Flush the filesystem holding ``path``: one call instead of thousands of fsyncs."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+def open_dir(name: str | Path, dir_fd: int | None = None) -> int:
+    """Open a directory, never through a symlink (ELOOP or ENOTDIR if it is one)."""
+    return os.open(name, O_DIR, dir_fd=dir_fd)
+
+
+def syncfs(fd: int) -> None:
+    """Flush the filesystem holding ``fd``: one call instead of thousands of fsyncs."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new, renamed, removed names) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def files_under(root: Path) -> list[str]:
-    """Every file under ``root``, as paths relative to it."""
-    return [
-        os.path.relpath(os.path.join(parent, name), root)
-        for parent, _dirs, names in os.walk(root)
-        for name in names
-    ]
-
-
-def unlink_file(path: Path) -> bool:
-    """Remove a file if there is one; return whether one was removed."""
-    try:
-        os.unlink(path)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return False
-    except PermissionError:  # EPERM: unlink() on a directory, on some systems
-        if not path.is_dir():
-            raise
-        return False
-    return True
-
-
-def remove(path: Path) -> None:
-    """Remove a file, link or directory tree; a missing one is fine."""
-    try:
-        st = os.lstat(path)
+        return os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
+        return None
+
+
+def remove_at(dir_fd: int, name: str) -> None:
+    """Remove the entry ``name`` of a directory: a file, a link or a whole tree.
+
+    Links are removed, never followed; a missing entry is fine. Iterative, so
+    the depth of the tree does not matter.
+    """
+    st = lstat_at(dir_fd, name)
+    if st is None:
         return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    stack = [(open_dir(name, dir_fd), dir_fd, name)]  # (directory, its parent, its name)
+    try:
+        while stack:
+            fd, parent, dname = stack[-1]
+            for entry in os.scandir(fd):
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((open_dir(entry.name, fd), fd, entry.name))
+                    break
+                os.unlink(entry.name, dir_fd=fd)
+            else:  # empty now
+                stack.pop()
+                os.close(fd)
+                os.rmdir(dname, dir_fd=parent)
+    finally:
+        for fd, _parent, _name in stack:
+            os.close(fd)
+
+
+def walk(dir_fd: int) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Every entry under an open directory, as (relative path, entry); links not followed."""
+    stack: list[tuple[int, str]] = [(os.dup(dir_fd), "")]
+    try:
+        while stack:
+            fd, prefix = stack.pop()
+            try:
+                for entry in os.scandir(fd):
+                    rel = prefix + entry.name
+                    yield rel, entry
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((open_dir(entry.name, fd), rel + "/"))
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _prefix in stack:
+            os.close(fd)
+
+
+class Tree:
+    """An open directory and the subdirectories below it that were opened, by relative path.
+
+    Paths are relative ("a/b/c"), already checked by the key rules. Each
+    directory on the way is opened without following links, so a planted
+    link in a snapshot stops the operation rather than redirecting it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._dirs: dict[str, int] = {"": fd}
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs = {}
+
+    def __enter__(self) -> Tree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def dir(self, rel: str, make: Callable[[int, str], None] | None = None) -> int:
+        """The directory ``rel`` (open); with ``make``, missing ones are created by it."""
+        fd = self._dirs.get(rel)
+        if fd is not None:
+            return fd
+        done = rel
+        while done and done not in self._dirs:  # the deepest one already open
+            done = done.rpartition("/")[0]
+        fd = self._dirs[done]
+        rest = rel[len(done) :].lstrip("/")
+        for segment in rest.split("/"):
+            try:
+                child = open_dir(segment, fd)
+            except FileNotFoundError:
+                if make is None:
+                    raise
+                make(fd, segment)
+                child = open_dir(segment, fd)
+            done = f"{done}/{segment}" if done else segment
+            self._dirs[done] = child
+            fd = child
+        return fd
+
+    def parent(self, rel: str, make: Callable[[int, str], None] | None = None) -> tuple[int, str]:
+        """(open parent directory, last segment) of a file path."""
+        head, _, leaf = rel.rpartition("/")
+        return self.dir(head, make), leaf
+
+    def unlink(self, rel: str) -> bool:
+        """Remove the file ``rel``, if there is one there; return whether one was removed."""
+        try:
+            fd, leaf = self.parent(rel)
+            os.unlink(leaf, dir_fd=fd)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return False
+        except OSError as err:
+            if err.errno in NOT_A_DIR or err.errno == errno.EPERM:  # a link; EPERM: a dir
+                return False
+            raise
+        return True
+
+    def prune(self, rel_dir: str) -> list[str]:
+        """Remove ``rel_dir`` and its parents while they are empty; the ones removed."""
+        removed = []
+        while rel_dir:
+            head = rel_dir.rpartition("/")[0]
+            try:
+                os.rmdir(rel_dir.rpartition("/")[2], dir_fd=self.dir(head))
+            except OSError:  # not empty, or already gone
+                break
+            fd = self._dirs.pop(rel_dir, None)
+            if fd is not None:
+                os.close(fd)
+            removed.append(rel_dir)
+            rel_dir = head
+        return removed
+
+    def opened(self) -> list[int]:
+        """Every directory opened so far: the ones a change may have touched."""
+        return list(self._dirs.values())
+
+
+def files_in(dir_fd: int) -> list[str]:
+    """Every regular file under an open directory, as relative paths; links not followed."""
+    return [rel for rel, entry in walk(dir_fd) if entry.is_file(follow_symlinks=False)]

@@ -26,23 +26,59 @@ class Stats:
     """What the sync loop did; read by /healthz and /metrics."""
 
     revision: int = 0
+    serving: str | None = None  # the live snapshot, ours or a previous run's
     first_sync: bool = False
     connected: bool = False
     last_ok: float = 0.0  # monotonic: last successful read, watch event or liveness check
     last_sync: float = 0.0  # wall clock: last snapshot made live
     last_error: str = ""
+    write_error: str = ""  # why the last snapshot could not be written, until one is
     snapshots: int = 0
     signals: int = 0
     reconnects: int = 0
-    skipped_keys: int = 0
+    write_failures: int = 0
+    skipped_keys: int = 0  # keys not written now: refused by the key rules, or shadowed
+    files: int = 0  # files in the live snapshot
     check_failures: int = 0
 
-    def alive(self) -> None:
+    def etcd_answered(self, reconnect: bool = False) -> None:
+        if reconnect and self.last_ok:
+            self.reconnects += 1
         self.connected = True
         self.last_ok = time.monotonic()
 
+    def etcd_failed(self, error: str) -> None:
+        self.connected = False
+        self.last_error = error
+
+    def write_failed(self, error: str) -> None:
+        self.write_failures += 1
+        self.write_error = error
+
+    def write_ok(self) -> None:
+        self.write_error = ""
+
+    def served(self, revision: int, name: str | None, files: int | None = None) -> None:
+        """A snapshot is live (``files`` given: a new one)."""
+        self.revision = revision
+        self.serving = name
+        if files is not None:
+            self.first_sync = True
+            self.files = files
+            self.snapshots += 1
+            self.last_sync = time.time()
+
+    def serving_text(self) -> str:
+        if self.first_sync:
+            return f"serving r{self.revision}"
+        if self.serving:
+            return f"serving {self.serving!r}, left by an earlier run"
+        return "nothing served yet"
+
     def health(self) -> tuple[bool, str]:
-        """(healthy, reason): a snapshot is live and etcd answered recently."""
+        """(healthy, reason): a snapshot is live, the target writable, etcd answered recently."""
+        if self.write_error:
+            return False, f"cannot write the target: {self.write_error}; {self.serving_text()}"
         if not self.first_sync:
             return False, f"no snapshot yet: {self.last_error or 'first read in progress'}"
         if not self.connected:
@@ -71,11 +107,16 @@ def _metrics(stats: Stats) -> bytes | None:
                                     value=stats.last_sync)  # fmt: skip
             yield GaugeMetricFamily(prefix + "healthy", "1 while /healthz answers 200",
                                     value=1.0 if stats.health()[0] else 0.0)  # fmt: skip
+            yield GaugeMetricFamily(prefix + "skipped_keys",
+                                    "keys not written now: refused by the key rules or shadowed",
+                                    value=stats.skipped_keys)  # fmt: skip
+            yield GaugeMetricFamily(prefix + "files", "files in the live snapshot",
+                                    value=stats.files)  # fmt: skip
             for name, text, value in [
                 ("snapshots", "snapshots made live", stats.snapshots),
                 ("signals", "signals sent to the child after a change", stats.signals),
                 ("reconnects", "connections to etcd after the first", stats.reconnects),
-                ("skipped_keys", "keys skipped by the key rules", stats.skipped_keys),
+                ("write_failures", "snapshots that could not be written", stats.write_failures),
                 ("check_failures", "changes rejected by --check", stats.check_failures),
             ]:
                 yield CounterMetricFamily(prefix + name, text, value=value)

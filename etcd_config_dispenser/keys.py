@@ -10,9 +10,13 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .layout import RESERVED_PREFIX
+
 MAX_NAME = 255  # bytes in one path segment (NAME_MAX on Linux filesystems)
 MAX_PATH = 4096  # bytes in a whole path (PATH_MAX)
-RESERVED_PREFIX = ".."  # first segments starting with this belong to the snapshot machinery
+# Directories deep: far beyond any configuration, and it keeps every walk of a
+# snapshot (ours, and the standard library's) cheap and far from any limit.
+MAX_DEPTH = 64
 
 
 class InvalidKey(ValueError):
@@ -42,7 +46,8 @@ def key_to_relpath(key: bytes, prefix: bytes, max_path: int = MAX_PATH) -> str:
        Linux would take any bytes, but a name nobody can type is a mistake);
     7. have a segment longer than MAX_NAME bytes, or be longer than
        ``max_path`` bytes (the caller lowers it by the length of the target
-       and snapshot directory names, so the full path still fits PATH_MAX).
+       and snapshot directory names, so the full path still fits PATH_MAX);
+    8. have more than MAX_DEPTH segments.
     """
     if not key.startswith(prefix):
         raise InvalidKey("is not under the prefix")
@@ -62,6 +67,8 @@ def key_to_relpath(key: bytes, prefix: bytes, max_path: int = MAX_PATH) -> str:
     except UnicodeDecodeError:
         raise InvalidKey("is not valid UTF-8") from None
     segments = text.split("/")
+    if len(segments) > MAX_DEPTH:
+        raise InvalidKey(f"is more than {MAX_DEPTH} directories deep")
     for segment in segments:
         if segment == "":
             raise InvalidKey("has an empty segment ('//')")
@@ -72,6 +79,13 @@ def key_to_relpath(key: bytes, prefix: bytes, max_path: int = MAX_PATH) -> str:
     if segments[0].startswith(RESERVED_PREFIX):
         raise InvalidKey(f"starts with '{RESERVED_PREFIX}', which is reserved")
     return text
+
+
+def show(key: bytes | str) -> str:
+    """A key or path for a log line, quoted one way everywhere: control characters
+    escaped, so a key can never forge a log line; bytes that are not UTF-8 escaped."""
+    text = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key
+    return repr(text)
 
 
 def top_level(path: str) -> str:

@@ -9,61 +9,58 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import Counter
-from collections.abc import Collection, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 
-from .fsops import remove
+from .fsops import lstat_at, remove_at
 from .keys import top_level
+from .layout import TMP_TOP_LINK, top_link_text
 
 log = logging.getLogger(__name__)
-
-DATA_LINK = "..data"
-TMP_TOP_LINK = "..link_tmp"
 
 
 class TopLinks:
     """The live snapshot's files, counted by top-level name, and the links for those names."""
 
-    def __init__(self, target: Path) -> None:
-        self.target = target
+    def __init__(self) -> None:
         self.live_paths: set[str] = set()  # every file of the live snapshot
         self._counts: Counter[str] = Counter()  # files per top-level name
         self._links: set[str] = set()  # links that exist on disk
         self._dirty = False  # a link operation failed: reconcile every name next time
 
-    def adopt(self, name: str) -> None:
-        """A link left by a previous process, found at start-up."""
-        self._links.add(name)
+    def adopt(self, links: Iterable[str], live_paths: Iterable[str]) -> None:
+        """What a previous process left: its links and its live snapshot's files."""
+        self._links = set(links)
+        self.live_paths = set(live_paths)
+        self._counts = Counter(top_level(p) for p in self.live_paths)
 
-    def update(
-        self, files: Mapping[str, bytes], changed: Collection[str] | None, when: str
-    ) -> None:
-        """``files`` is live now (``changed``: the paths that differ; None: any).
+    def update(self, target_fd: int, present: Mapping[str, bool], reset: bool, when: str) -> None:
+        """The live snapshot changed: ``present`` says, for each path that may have changed,
+        whether it is a file now (``reset``: every other path is gone).
 
         The memory is always updated; a failing link operation is logged and
         mended at the next update, since the snapshot itself is live already.
         """
-        affected = self._track(files, changed)
+        affected = self._track(present, reset)
         if self._dirty:
             affected |= self._counts.keys() | self._links
         try:
-            self._sync(affected)
+            self._sync(target_fd, affected)
             self._dirty = False
         except OSError as err:
             self._dirty = True
             log.warning("%s: could not update the top-level links: %s", when, err)
 
-    def _track(self, files: Mapping[str, bytes], changed: Collection[str] | None) -> set[str]:
+    def _track(self, present: Mapping[str, bool], reset: bool) -> set[str]:
         """Update the live paths and per-name counts (memory only); the top names affected."""
-        if changed is None:
-            self.live_paths = set(files)
+        if reset:
+            self.live_paths = {p for p, there in present.items() if there}
             self._counts = Counter(top_level(p) for p in self.live_paths)
             return set(self._counts) | self._links
         affected = set()
-        for rel in changed:
-            was, now = rel in self.live_paths, rel in files
-            if was == now:
+        for rel, now in present.items():
+            if (rel in self.live_paths) == now:
                 continue
             top = top_level(rel)
             affected.add(top)
@@ -75,21 +72,21 @@ class TopLinks:
                 self._counts[top] -= 1
         return affected
 
-    def _sync(self, affected: set[str]) -> None:
+    def _sync(self, target_fd: int, affected: set[str]) -> None:
         """Keep one ``name -> ..data/name`` link per top-level name that has files."""
         for top in affected:
-            link = self.target / top
             if self._counts[top] > 0 and top not in self._links:
                 try:
-                    os.symlink(f"{DATA_LINK}/{top}", link)
+                    os.symlink(top_link_text(top), top, dir_fd=target_fd)
                 except FileExistsError:  # a dangling one of ours: replace it atomically
-                    tmp = self.target / TMP_TOP_LINK
-                    remove(tmp)
-                    os.symlink(f"{DATA_LINK}/{top}", tmp)
-                    os.replace(tmp, link)
+                    remove_at(target_fd, TMP_TOP_LINK)
+                    os.symlink(top_link_text(top), TMP_TOP_LINK, dir_fd=target_fd)
+                    os.rename(TMP_TOP_LINK, top, src_dir_fd=target_fd, dst_dir_fd=target_fd)
                 self._links.add(top)
             elif self._counts[top] <= 0:
                 self._counts.pop(top, None)
                 if top in self._links:
-                    remove(link)
+                    st = lstat_at(target_fd, top)
+                    if st is not None and stat.S_ISLNK(st.st_mode):  # never someone's dir
+                        os.unlink(top, dir_fd=target_fd)
                     self._links.discard(top)

@@ -1,78 +1,78 @@
 """Snapshot writer: one consistent directory per etcd revision, made live by one rename.
 
-On disk (the Kubernetes AtomicWriter layout)::
+On disk (the Kubernetes AtomicWriter layout, names in ``layout``)::
 
     target/
       ..2026_11_25_10_00_00.000000123.r42/   every file at revision 42
-        cert.pem
-        sub/c.txt
       ..data -> ..2026_11_25_10_00_00.000000123.r42   the only thing readers follow
       cert.pem -> ..data/cert.pem                    one link per top-level name
-      sub -> ..data/sub
 
 A reader that opens ``target/cert.pem`` gets a whole file of one revision; a
 reader that resolves ``..data`` once and reads several files from there gets
-one whole revision.
+one whole revision, as long as it reads within the grace period.
 
-Cost: a change must cost about the same at 10,000 keys as at 100, so a
-snapshot directory is not rebuilt per change. A directory that stopped being
-live at least ``grace`` seconds ago is renamed and brought up to date with
-only the paths that changed since it was live (a journal of changed paths).
-Only when no such spare exists is a new directory made, by hard-linking the
-live files (safe: a file is never modified in place, only unlinked and
-created anew) and then applying the change.
+A change costs the paths it changed, not the files held: it is applied to a
+directory that already holds the rest (a retired snapshot past its grace
+period, kept up to date by ``maintain``; see ``ledger``). Only when there is
+none is the live one hard-linked into a new directory first. New files come
+from a pool of empty ones made ahead (creating an inode is the slow part of
+a small change) and are renamed into place. A file is never modified in
+place: unchanged files are shared between snapshots as hard links.
 
-Creating an inode (a file, a symlink, a directory) is the slow part of a
-small change (about 0.75 ms each on the ext4 disks measured; a rename costs
-0.02 ms), so new files come from a pool of empty ones made in ``..pool``
-after the signal, and are renamed into place when written.
-
-Durability: before the flip, the new files and their directories are on disk
-(fsync, or one syncfs for a big change). The flip itself is made durable by
-``finish`` right after the signal. A power loss in between leaves ``..data``
-at the previous snapshot, which is complete and is not reused before
-``finish`` has run. One exception, for a fast start (``defer_first_sync``):
-when the target held no snapshot and a child will be started, the first
-snapshot is flipped in before its syncfs (about 1 s at 10,000 files), which
-``finish`` runs. Nothing else reads the target before the child starts, and
-the next start after a power loss replaces that snapshot before starting it.
+Every operation goes through an open directory without following links
+(``fsops``): whatever someone plants in the target, nothing outside it is
+written or removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
-import re
+import stat
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fsops import files_under, fsync_dir, remove, syncfs, unlink_file
-from .links import DATA_LINK, TMP_TOP_LINK, TopLinks
+from . import recovery
+from .fsops import Tree, files_in, lstat_at, open_dir, remove_at, syncfs
+from .keys import MAX_PATH
+from .layout import DATA_LINK, POOL_DIR, SNAPSHOT_NAME_MAX, TMP_LINK, snapshot_name
+from .ledger import Ledger, Snap
+from .links import TopLinks
 
 log = logging.getLogger(__name__)
 
-TMP_LINK = "..data_tmp"
-POOL_DIR = "..pool"
-SNAPSHOT_PREFIX = ".."
-FSYNC_EACH_MAX = 32  # up to this many files: fsync each; beyond: one syncfs
-MAX_SPARES = 4  # spares kept past their grace period; younger ones are never deleted
+FSYNC_EACH_MAX = 32  # up to this many files written: fsync each; beyond: one syncfs
+MAX_SPARES = 2  # retired snapshots kept, past their grace period, for the next changes
 POOL_SIZE = 8  # empty files kept ready for the next change
 GRACE = 0.25  # seconds a retired snapshot stays untouched for readers still in it
-SNAPSHOT_NAME_MAX = 64  # "..YYYY_MM_DD_HH_MM_SS.NNNNNNNNN.r<revision>", with room
+# Errors that no single key explains: the whole target is unusable for now.
+TARGET_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+)
+ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})  # no file (of ours) there
+PROBE = "..probe"  # a file made and removed to tell a key's failure from the target's
 
 
 class SnapshotError(OSError):
     """A snapshot could not be made live. The previous one is still served."""
 
 
-_SNAPSHOT_NAME = re.compile(r"\.\.\d{4}_\d\d_\d\d_\d\d_\d\d_\d\d\.\d{9}\.r\d+")
+class TargetRefused(SnapshotError):
+    """The target holds entries this tool did not make: it is not used, nothing is removed."""
 
 
-def _is_ours(name: str) -> bool:
-    """A name this tool makes in the target: a snapshot directory or a temporary."""
-    return name in (TMP_LINK, TMP_TOP_LINK, POOL_DIR) or bool(_SNAPSHOT_NAME.fullmatch(name))
+@dataclass
+class Published:
+    """What one publish did: the snapshot made live and what changed in it."""
+
+    name: str
+    written: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # path -> why it was not written
 
 
 def dir_mode(file_mode: int) -> int:
@@ -82,16 +82,6 @@ def dir_mode(file_mode: int) -> int:
     """
     mode = file_mode & 0o777
     return mode | ((mode & 0o444) >> 2) | 0o700
-
-
-@dataclass
-class _Snapshot:
-    """A snapshot directory whose contents we know: the files as of publish ``seq``."""
-
-    name: str
-    seq: int
-    revision: int
-    retired_at: float = 0.0  # monotonic time it stopped being live
 
 
 class SnapshotWriter:
@@ -106,273 +96,377 @@ class SnapshotWriter:
         grace: float = GRACE,
         clock: Callable[[], float] = time.monotonic,
         defer_first_sync: bool = False,
+        max_spares: int = MAX_SPARES,
     ) -> None:
         self.target = target
         self.mode = mode
         self.dir_mode = dir_mode(mode)
         self.uid = uid
         self.gid = gid
-        self.grace = grace
         self.clock = clock
-        self._live: _Snapshot | None = None
-        self._spares: list[_Snapshot] = []
         self.defer_first_sync = defer_first_sync
-        self._adopted: str | None = None  # live, but not written by this process
-        self._unknown: list[str] = []  # snapshot dirs of unknown contents, to delete
-        self._unknown_retired_at = 0.0
-        self._previous: _Snapshot | str | None = None  # what rollback() goes back to
-        self._journal: list[Collection[str]] = []  # journal[i]: paths changed by publish i
-        self._journal_base = 0  # publish number of journal[0]
-        self._links = TopLinks(target)
-        self._unsynced = False  # the first snapshot waits for finish() to be synced
+        self.ledger = Ledger(grace, max_spares)
+        self._links = TopLinks()
+        self._fd = -1  # the target, open from recover() on
+        self._unsynced = False  # the first snapshot waits for make_durable() to be synced
         self._pool: list[str] = []  # names of empty files in ..pool
         self._pool_serial = 0
-
-    @property
-    def _seq(self) -> int:
-        return self._journal_base + len(self._journal)
 
     # -- start-up ---------------------------------------------------------
 
     def recover(self) -> str | None:
-        """Clean up after a crash and adopt the target; return the live snapshot's name.
+        """Open the target, clean up after a crash, adopt the live snapshot; its name.
 
-        A leftover ``..data_tmp`` and every snapshot directory that ``..data``
-        does not point to (half-built or stale) are removed. The live one keeps
-        being served until the first publish replaces it. Entries that this
-        tool did not write are never touched: their presence is an error,
-        found before anything is removed.
+        Only entries that are provably ours are removed (see ``recovery``);
+        if anything else is there, TargetRefused names it and nothing at all
+        is removed. The live snapshot keeps being served until the first
+        publish replaces it.
         """
         os.makedirs(self.target.parent, exist_ok=True)
-        self._make_dir(self.target, exist_ok=True)
-        live_name: str | None = None
-        data = self.target / DATA_LINK
-        if data.is_symlink():
-            live_name = os.readlink(data)
-        ours, foreign, links = [], [], []
-        for entry in os.scandir(self.target):
-            if entry.name in (DATA_LINK, live_name):
-                continue
-            if _is_ours(entry.name):
-                ours.append(entry.name)
-            elif entry.is_symlink() and os.readlink(entry.path) == f"{DATA_LINK}/{entry.name}":
-                links.append(entry.name)
-            else:
-                foreign.append(entry.name)
-        if foreign:
-            raise SnapshotError(
+        with contextlib.suppress(FileExistsError):
+            self._mkdir(None, str(self.target))
+        self._fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        found = recovery.inspect(self._fd)
+        if found.problems:
+            raise TargetRefused(
                 f"target {self.target} holds entries not written by etcd-config-dispenser: "
-                f"{', '.join(sorted(foreign)[:5])}; move them away or choose an empty directory"
+                f"{'; '.join(found.problems[:5])}; move them away or choose an empty directory"
             )
-        for name in ours:
-            log.info("recover: removing leftover %s", name)
-            remove(self.target / name)
-        for name in links:
-            self._links.adopt(name)
-        self._adopted = live_name if live_name and (self.target / live_name).is_dir() else None
-        return live_name
+        for name in found.debris:
+            log.log(
+                logging.DEBUG if name == POOL_DIR else logging.INFO,
+                "recover: removing %r, left by an earlier run",
+                name,
+            )
+            remove_at(self._fd, name)
+        self._links.adopt(found.links, found.live_files)
+        self.ledger.adopted = found.live
+        return found.live
+
+    @property
+    def max_key_path(self) -> int:
+        """The longest key path that still fits PATH_MAX below a snapshot directory."""
+        return MAX_PATH - len(os.fsencode(self.target)) - SNAPSHOT_NAME_MAX - 2
+
+    @property
+    def serving(self) -> str | None:
+        """The live snapshot's name, whoever wrote it."""
+        live = self.ledger.live
+        return live.name if live is not None else self.ledger.adopted
 
     # -- publish ----------------------------------------------------------
 
-    def publish(self, files: Mapping[str, bytes], changed: Collection[str], revision: int) -> bool:
-        """Make ``files`` the live snapshot; return whether anything changed.
+    def publish(
+        self, files: Mapping[str, bytes], changed: Collection[str], revision: int
+    ) -> Published | None:
+        """Make ``files`` the live snapshot; None if nothing changed.
 
-        ``changed`` lists the paths whose content or presence differs from the
-        previous publish (ignored for the first one, which writes everything).
+        ``changed``: the paths whose content or presence differs from the
+        previous publish (the first one writes everything). Paths the writer
+        still owes (``ledger.dirty``) are added. A key whose file cannot be
+        written is left out and named in ``failed``; an error that no key
+        explains raises SnapshotError and leaves the live snapshot as it was.
 
-        1. Nothing changed: return False, touch nothing.
-        2. Choose a directory: a spare retired >= grace ago (renamed), else a new
-           one hard-linked from the live one, else a new empty one.
-        3. Bring it to ``files``: remove, then write, only the paths that differ.
-        4. Make it durable: fsync each file and directory, or one syncfs.
+        1. Nothing changed: return None, touch nothing.
+        2. Choose a directory: a spare past its grace period (renamed), else
+           a new one hard-linked from the live one, else (first) a new one.
+        3. Bring it to ``files``: remove, then write, the paths that differ;
+           a path that only the journal names is linked from the live one.
+        4. Make it durable: fsync each new file and every directory touched,
+           or one syncfs for a big change (first snapshot: see make_durable).
         5. Flip: symlink ``..data_tmp`` -> new dir, rename it onto ``..data``.
-           This is the atomic moment. fsync the target directory.
+           This is the atomic moment.
         6. Add and remove the top-level links.
-        The old live directory becomes a spare; ``finish`` (after the signal)
-        makes the flip durable and deletes what is not kept.
+        The retired directory is left for ``maintain``; ``make_durable``
+        (after the signal) makes the flip itself durable.
         """
-        first = self._live is None
+        ledger = self.ledger
+        first = ledger.live is None
+        changed = set(changed) | ledger.dirty
         if not first and not changed:  # (1)
-            return False
-        name = self._new_name(revision)
-        path = self.target / name
-        if first:  # spares are only known relative to a live snapshot of ours
-            self._unknown.extend(spare.name for spare in self._spares)
-            self._spares = []
-        base, delta = self._choose_base(changed)  # (2)
-        empty = base is None and first
-        use_syncfs = base is None or len(delta) > FSYNC_EACH_MAX
-        deferred = first and self.defer_first_sync and self._adopted is None
-        tmp_link = self.target / TMP_LINK
-        try:
-            if base is not None:
-                os.rename(self.target / base.name, path)
-            elif first:
-                self._make_dir(path)
-                delta = files.keys()
-            else:
-                self._link_tree(path)
-            dirs = self._apply(path, files, delta, empty, fsync_each=not use_syncfs)  # (3)
-            if deferred:  # (4) synced in finish(), see the module docstring
-                self._unsynced = True
-            elif use_syncfs:
-                syncfs(path)
-            else:
-                for directory in dirs:
-                    fsync_dir(directory)
-            remove(tmp_link)  # (5)
-            os.symlink(name, tmp_link)
-            os.replace(tmp_link, self.target / DATA_LINK)
-        except OSError as err:
-            remove(tmp_link)
-            remove(path)
-            raise SnapshotError(err.errno, f"snapshot r{revision} not published: {err}") from err
-        self._previous = self._live or self._adopted
-        if self._live is not None:
-            self._live.retired_at = self.clock()
-            self._spares.append(self._live)
-        else:
-            if self._adopted is not None:
-                self._unknown.append(self._adopted)
-                self._adopted = None
-            self._unknown_retired_at = self.clock()
-        self._journal.append(() if first else set(changed))  # no dir predates the first
-        self._live = _Snapshot(name, self._seq, revision)
-        self._links.update(files, None if first else changed, f"r{revision}")  # (6)
-        return True
-
-    def rollback(self) -> str:
-        """Make the previous snapshot live again, right after a ``publish``; its name.
-
-        For --check: the new snapshot was live while the check ran; if it
-        failed, ``..data`` goes back to the one before, which stays untouched
-        until ``finish``: a spare of ours, or the snapshot a previous process
-        left (then the next publish writes everything again). The rejected
-        one is kept as a spare. The caller still has the rejected files in its
-        state: it must hand their paths to the next ``publish`` again.
-        """
-        previous, rejected = self._previous, self._live
-        if previous is None or rejected is None:
-            raise SnapshotError("no previous snapshot to go back to")
-        name = previous if isinstance(previous, str) else previous.name
-        tmp_link = self.target / TMP_LINK
-        try:
-            remove(tmp_link)
-            os.symlink(name, tmp_link)
-            os.replace(tmp_link, self.target / DATA_LINK)
-        except OSError as err:
-            remove(tmp_link)
-            raise SnapshotError(err.errno, f"could not put {name} back: {err}") from err
-        self._previous = None
-        rejected.retired_at = self.clock()
-        if isinstance(previous, str):  # a previous process's snapshot: contents unknown
-            self._unknown.remove(previous)
-            self._adopted, self._live = previous, None
-            self._unknown.append(rejected.name)
-            on_disk = {p: b"" for p in files_under(self.target / previous)}
-            self._links.update(on_disk, None, f"back to {name}")
-        else:
-            paths = self._journal[-1]
-            self._journal.append(set(paths))  # the way back touches the same paths
-            self._spares.remove(previous)
-            self._spares.append(rejected)
-            self._live = previous
-            back = {p: b"" for p in paths if (self.target / name / p).is_file()}
-            self._links.update(back, paths, f"back to {name}")
-        return name
-
-    @property
-    def can_roll_back(self) -> bool:
-        """Whether the last publish has something to go back to (until ``finish``)."""
-        return self._previous is not None
-
-    def _new_name(self, revision: int) -> str:
-        ns = time.time_ns()
-        stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime(ns // 1_000_000_000))
-        return f"{SNAPSHOT_PREFIX}{stamp}.{ns % 1_000_000_000:09d}.r{revision}"
-
-    def _choose_base(self, changed: Collection[str]) -> tuple[_Snapshot | None, Collection[str]]:
-        """The oldest spare past its grace period and the paths it lacks; else (None, changed)."""
+            return None
         now = self.clock()
-        for spare in self._spares:
-            if now - spare.retired_at >= self.grace:
-                self._spares.remove(spare)
-                delta: set[str] = set(changed)
-                for entry in self._journal[spare.seq - self._journal_base :]:
-                    delta.update(entry)
-                return spare, delta
-        return None, changed
-
-    def _link_tree(self, path: Path) -> None:
-        """Hard-link every live file into a new directory: no file contents copied."""
-        assert self._live is not None
-        live = self.target / self._live.name
-        made: set[Path] = {path}
-        self._make_dir(path, exist_ok=True)
-        for rel in self._links.live_paths:
-            dest = path / rel
-            self._make_parents(dest, path, made)
-            os.link(live / rel, dest)
-
-    def _apply(
-        self,
-        root: Path,
-        files: Mapping[str, bytes],
-        delta: Collection[str],
-        empty: bool,
-        fsync_each: bool,
-    ) -> set[Path]:
-        """Remove, then write, the paths of ``delta``; return the directories touched."""
-        dirs: set[Path] = {root}
-        for rel in delta:
-            if rel not in files:
-                dest = root / rel
-                if unlink_file(dest):
-                    dirs.add(dest.parent)
-                    self._prune_empty(dest.parent, root, dirs)
-        made: set[Path] = {root}
-        for rel in delta:
-            value = files.get(rel)
-            if value is None:
-                continue
-            dest = root / rel
-            self._make_parents(dest, root, made)
-            if empty:
-                self._write_file(dest, value, fsync_each)
+        name = snapshot_name(revision)
+        spare = ledger.take_spare(now)  # (2)
+        delta: set[str] = set(files) if first else changed
+        renamed = False  # the spare is ``name`` now: removed with it on failure
+        try:
+            if spare is not None:
+                os.rename(spare[0].name, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+                renamed = True
+                delta = spare[1] | changed
+            elif first:
+                self._mkdir(self._fd, name)
             else:
-                # Never truncate: the old inode may be shared with another
-                # snapshot, or still open in a reader. A new one replaces it.
-                unlink_file(dest)
-                self._write_file(dest, value, fsync_each, from_pool=True)
-            dirs.add(dest.parent)
-        return dirs | made
+                self._copy_live(name)
+            fresh = spare is None
+            result = self._fill(name, files, delta, changed, first, fresh)  # (3), (4)
+            self._flip(name)  # (5)
+        except OSError as err:
+            self._discard(name)
+            if spare is not None and not renamed:  # its content is unknown: never reuse it
+                ledger.doomed[spare[0].name] = now
+            ledger.failed(delta if first else changed)  # owed: the next publish tries again
+            raise SnapshotError(err.errno, f"snapshot r{revision} not published: {err}") from err
+        ledger.published(name, revision, changed, now)
+        ledger.failed(result.failed)
+        present = {p: p in files and p not in result.failed for p in delta}
+        self._update_links(present, reset=first, when=f"r{revision}")  # (6)
+        result.written = sorted(p for p in changed if present.get(p))
+        result.removed = sorted(p for p in changed if p not in files)
+        return result
 
-    def _write_file(self, dest: Path, value: bytes, fsync: bool, from_pool: bool = False) -> None:
-        """Write ``value`` as a new file at ``dest``: a pooled empty file, or a new one."""
-        if from_pool and self._pool:
-            pooled = self.target / POOL_DIR / self._pool.pop()
-            fd = os.open(pooled, os.O_WRONLY | os.O_CLOEXEC)
+    def _fill(
+        self,
+        name: str,
+        files: Mapping[str, bytes],
+        delta: set[str],
+        changed: set[str],
+        first: bool,
+        fresh: bool,
+    ) -> Published:
+        """Steps 3 and 4 in the directory ``name`` (``fresh``: every file in it is new)."""
+        result = Published(name)
+        live = None if first else self.serving
+        source = Tree(open_dir(live, self._fd)) if live is not None else None
+        pool = open_dir(POOL_DIR, self._fd) if self._pool and not first else None
+        written: list[int] = []
+        try:
+            with Tree(open_dir(name, self._fd)) as tree:
+                for rel in delta:
+                    if rel not in files and tree.unlink(rel):
+                        tree.prune(rel.rpartition("/")[0])
+                for rel in delta:
+                    value = files.get(rel)
+                    if value is None:
+                        continue
+                    try:
+                        if not first:
+                            tree.unlink(rel)  # never truncate: the inode may be shared
+                        if rel in changed or source is None or not self._link(source, tree, rel):
+                            written.append(self._write(tree, rel, value, pool))
+                    except OSError as err:
+                        result.failed[rel] = self._blame(tree, err)
+                if first and self.defer_first_sync and self.ledger.adopted is None:
+                    self._unsynced = True  # synced by settle(), see app
+                elif fresh or len(written) > FSYNC_EACH_MAX:
+                    syncfs(tree.fd)
+                else:
+                    for fd in written + tree.opened():
+                        os.fsync(fd)
+        finally:
+            for fd in written:
+                os.close(fd)
+            if pool is not None:
+                os.close(pool)
+            if source is not None:
+                source.close()
+        return result
+
+    def _blame(self, tree: Tree, err: OSError) -> str:
+        """Why one key could not be written; raise if the target itself is the reason."""
+        if err.errno in TARGET_ERRNOS:
+            raise err
+        try:  # can anything be written here at all?
+            fd = os.open(PROBE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, dir_fd=tree.fd)
+            os.close(fd)
+            os.unlink(PROBE, dir_fd=tree.fd)
+        except OSError:
+            raise err from None
+        return err.strerror or str(err)
+
+    def _write(self, tree: Tree, rel: str, value: bytes, pool: int | None) -> int:
+        """A new file at ``rel`` holding ``value``; its open descriptor, for fsync."""
+        parent, leaf = tree.parent(rel, self._mkdir)
+        pooled = self._pool.pop() if pool is not None and self._pool else None
+        if pooled is not None:
+            fd = os.open(pooled, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pool)
         else:
-            pooled = None
-            fd = self._create(dest)
+            fd = self._create(parent, leaf)
         try:
             view = memoryview(value)
             while view:
                 view = view[os.write(fd, view) :]
-            if fsync:
-                os.fsync(fd)
-        except OSError:
             if pooled is not None:
-                unlink_file(pooled)
-            raise
-        finally:
+                os.rename(pooled, leaf, src_dir_fd=pool, dst_dir_fd=parent)
+        except OSError:
             os.close(fd)
-        if pooled is not None:
-            os.rename(pooled, dest)
+            if pooled is not None:
+                os.unlink(pooled, dir_fd=pool)
+            raise
+        return fd
 
-    def _create(self, path: Path) -> int:
+    def _link(self, source: Tree, tree: Tree, rel: str) -> bool:
+        """Share the live file at ``rel``; False if the live snapshot has none."""
+        try:
+            src_parent, leaf = source.parent(rel)
+            if not _is_file(src_parent, leaf):
+                return False
+        except OSError as err:
+            if err.errno in ABSENT:
+                return False
+            raise
+        parent, _ = tree.parent(rel, self._mkdir)
+        os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
+        return True
+
+    def _copy_live(self, name: str) -> None:
+        """Hard-link every live file into a new directory: no file contents copied."""
+        self._mkdir(self._fd, name)
+        live = self.serving
+        assert live is not None
+        with Tree(open_dir(name, self._fd)) as tree, Tree(open_dir(live, self._fd)) as source:
+            for rel in self._links.live_paths:
+                self._link(source, tree, rel)
+
+    def _flip(self, name: str) -> None:
+        """Point ``..data`` at ``name`` in one rename: the atomic moment."""
+        remove_at(self._fd, TMP_LINK)
+        os.symlink(name, TMP_LINK, dir_fd=self._fd)
+        os.rename(TMP_LINK, DATA_LINK, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+
+    def _discard(self, name: str) -> None:
+        """Undo a publish that failed before its flip."""
+        for leftover in (TMP_LINK, name):
+            try:
+                remove_at(self._fd, leftover)
+            except OSError as err:
+                log.warning("could not remove %r: %s", leftover, err)
+
+    def _update_links(self, present: Mapping[str, bool], reset: bool, when: str) -> None:
+        self._links.update(self._fd, present, reset, when)
+
+    def rollback(self) -> str:
+        """Make the previous snapshot live again, right after a ``publish``; its name.
+
+        For --check: the rejected snapshot was live while the check ran; it
+        becomes a spare, and its paths stay owed (``ledger.dirty``), so the
+        next publish tries them again without the caller's help.
+        """
+        if self.ledger.previous is None:
+            raise SnapshotError("no previous snapshot to go back to")
+        name = self.ledger.previous
+        name = name if isinstance(name, str) else name.name
+        try:
+            self._flip(name)
+        except OSError as err:
+            remove_at(self._fd, TMP_LINK)
+            raise SnapshotError(err.errno, f"could not put {name} back: {err}") from err
+        name, paths = self.ledger.rolled_back(self.clock())
+        with Tree(open_dir(name, self._fd)) as tree:
+            if paths is None:  # the previous process's snapshot: read what it holds
+                on_disk = files_in(tree.fd)
+                self._update_links(dict.fromkeys(on_disk, True), True, f"back to {name}")
+            else:
+                present = {p: _has_file(tree, p) for p in paths}
+                self._update_links(present, False, f"back to {name}")
+        return name
+
+    @property
+    def can_roll_back(self) -> bool:
+        """Whether the last publish has something to go back to (until ``settle``)."""
+        return self.ledger.previous is not None
+
+    # -- after the signal -------------------------------------------------
+
+    def settle(self) -> None:
+        """The last publish stays: make the flip durable; nothing to roll back to now.
+
+        Right after the signal, off the critical path. A failure is logged:
+        the snapshot is live either way.
+        """
+        self.ledger.settle()
+        try:
+            if self._unsynced:
+                syncfs(self._fd)
+                self._unsynced = False
+            else:
+                os.fsync(self._fd)
+        except OSError as err:
+            log.warning("could not make the snapshot durable: %s", err)
+
+    def maintain(self) -> float | None:
+        """Housekeeping that is due: old snapshots deleted, spares brought up to date,
+        the pool filled, a spare prepared. Returns when more will be due (monotonic).
+
+        Errors are logged and the rest still runs; it is tried again next time.
+        """
+        due = self.ledger.housekeeping(self.clock())
+        for name in due.delete:
+            try:
+                remove_at(self._fd, name)
+            except OSError as err:
+                log.warning("could not remove old snapshot %r: %s", name, err)
+        try:
+            for spare, paths in due.catch_up:
+                self._catch_up(spare, paths)
+            self._fill_pool()
+            live = self.ledger.live
+            if live is not None and not self.ledger.spares:
+                self._prepare_spare(live)
+        except OSError as err:
+            log.warning("could not prepare for the next change: %s", err)
+        self.ledger.trim()
+        return due.next_due
+
+    def _catch_up(self, spare: Snap, paths: set[str]) -> None:
+        """Bring a spare past its grace period to the live content: it then holds no value
+        that is no longer live, and the next change costs only its own paths."""
+        live = self.ledger.live
+        assert live is not None
+        try:
+            with (
+                Tree(open_dir(spare.name, self._fd)) as tree,
+                Tree(open_dir(live.name, self._fd)) as src,
+            ):
+                for rel in paths:
+                    if tree.unlink(rel):
+                        tree.prune(rel.rpartition("/")[0])
+                for rel in paths:
+                    self._link(src, tree, rel)
+                for fd in tree.opened():
+                    os.fsync(fd)
+        except OSError:
+            self.ledger.spares.remove(spare)
+            self.ledger.doomed[spare.name] = self.clock()
+            raise
+        self.ledger.caught_up(spare)
+
+    def _prepare_spare(self, live: Snap) -> None:
+        """A hard-linked copy of the live snapshot, so the next change finds a spare.
+
+        Without one, the first change after start-up would pay for the copy
+        before its signal; here it is paid after. No reader ever saw it, so
+        it has no grace period.
+        """
+        name = snapshot_name(live.revision)
+        try:
+            self._copy_live(name)
+            syncfs(self._fd)
+        except OSError:
+            self._discard(name)
+            raise
+        self.ledger.add_spare(Snap(name, live.seq, live.revision))
+
+    def _fill_pool(self) -> None:
+        with contextlib.suppress(FileExistsError):
+            self._mkdir(self._fd, POOL_DIR)
+        pool = open_dir(POOL_DIR, self._fd)
+        try:
+            while len(self._pool) < POOL_SIZE:
+                self._pool_serial += 1
+                name = str(self._pool_serial)
+                os.close(self._create(pool, name))
+                self._pool.append(name)
+        finally:
+            os.close(pool)
+
+    # -- primitives with the mode and owner asked for ---------------------
+
+    def _create(self, dir_fd: int, name: str) -> int:
         """A new empty file with the mode (whatever the umask) and owner asked for."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, self.mode, dir_fd=dir_fd)
         try:
             os.fchmod(fd, self.mode)
             if self.uid != -1 or self.gid != -1:
@@ -382,114 +476,32 @@ class SnapshotWriter:
             raise
         return fd
 
-    def _make_dir(self, path: Path, exist_ok: bool = False) -> None:
+    def _mkdir(self, dir_fd: int | None, name: str) -> None:
+        """A new directory with the directory mode (whatever the umask) and owner."""
+        os.mkdir(name, self.dir_mode, dir_fd=dir_fd)
+        fd = open_dir(name, dir_fd)
         try:
-            os.mkdir(path, self.dir_mode)
-        except FileExistsError:
-            if not exist_ok:
-                raise
-            return
-        os.chmod(path, self.dir_mode)
-        if self.uid != -1 or self.gid != -1:
-            os.chown(path, self.uid, self.gid)
-
-    def _make_parents(self, dest: Path, root: Path, made: set[Path]) -> None:
-        parent = dest.parent
-        if parent in made:
-            return
-        if parent != root:
-            self._make_parents(parent, root, made)
-            self._make_dir(parent, exist_ok=True)
-        made.add(parent)
-
-    def _prune_empty(self, directory: Path, root: Path, dirs: set[Path]) -> None:
-        while directory != root:
-            try:
-                os.rmdir(directory)
-            except OSError:  # not empty, or already gone
-                return
-            dirs.discard(directory)
-            directory = directory.parent
-            dirs.add(directory)
-
-    # -- after the signal -------------------------------------------------
-
-    def finish(self, prepare: bool = True) -> None:
-        """After the signal, off the critical path: the rest of a publish.
-
-        Makes the flip durable (fsync of the target directory), deletes
-        snapshot dirs that are neither live nor kept, and (``prepare``) makes
-        ready for the next change: empty files and a spare snapshot. Errors
-        in cleaning are logged and the rest still runs.
-        """
-        self._previous = None
-        try:
-            if self._unsynced:
-                syncfs(self.target)
-                self._unsynced = False
-            else:
-                fsync_dir(self.target)
-        except OSError as err:
-            log.warning("could not make the snapshot durable: %s", err)
-        if self._unknown:
-            # The previous process's snapshot gets the same grace as any other.
-            time.sleep(max(0.0, self.grace - (self.clock() - self._unknown_retired_at)))
-        now = self.clock()
-        excess = len(self._spares) - MAX_SPARES
-        doomed = list(self._unknown)
-        self._unknown = []
-        for spare in list(self._spares):  # oldest first; younger than grace: never
-            if excess <= 0 or now - spare.retired_at < self.grace:
-                break
-            self._spares.remove(spare)
-            doomed.append(spare.name)
-            excess -= 1
-        for name in doomed:
-            try:
-                remove(self.target / name)
-            except OSError as err:
-                log.warning("could not remove old snapshot %s: %s", name, err)
-        seqs = [s.seq for s in self._spares]
-        if self._live is not None:
-            seqs.append(self._live.seq)
-        keep_from = min(seqs, default=self._seq)
-        del self._journal[: keep_from - self._journal_base]
-        self._journal_base = keep_from
-        if not prepare:
-            return
-        try:
-            self._fill_pool()
-            if not self._spares and self._live is not None:
-                self._prepare_spare(self._live)
-        except OSError as err:
-            log.warning("could not prepare for the next change: %s", err)
-
-    def _prepare_spare(self, live: _Snapshot) -> None:
-        """A hard-linked copy of the live snapshot, so the next change finds a spare.
-
-        Without one, the first change after start-up would pay for the copy
-        (about 145 ms at 10,000 files) before its signal; here it is paid
-        after the signal. No reader ever saw it, so it has no grace period.
-        """
-        name = self._new_name(live.revision)
-        try:
-            self._link_tree(self.target / name)
-        except OSError:
-            remove(self.target / name)
-            raise
-        self._spares.append(_Snapshot(name, live.seq, live.revision, self.clock() - self.grace))
-
-    def _fill_pool(self) -> None:
-        pool = self.target / POOL_DIR
-        self._make_dir(pool, exist_ok=True)  # recover() removed any left by another process
-        while len(self._pool) < POOL_SIZE:
-            self._pool_serial += 1
-            name = str(self._pool_serial)
-            os.close(self._create(pool / name))
-            self._pool.append(name)
+            os.fchmod(fd, self.dir_mode)
+            if self.uid != -1 or self.gid != -1:
+                os.fchown(fd, self.uid, self.gid)
+        finally:
+            os.close(fd)
 
     @property
     def kept_dirs(self) -> list[str]:
-        """Snapshot directories this writer keeps: the live one and the spares."""
-        live = [self._live.name] if self._live else [self._adopted] if self._adopted else []
-        return live + [spare.name for spare in self._spares]
+        """Snapshot directories this writer knows of: live, spares, and those to delete."""
+        return self.ledger.names()
+
+
+def _is_file(dir_fd: int, name: str) -> bool:
+    st = lstat_at(dir_fd, name)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def _has_file(tree: Tree, rel: str) -> bool:
+    try:
+        return _is_file(*tree.parent(rel))
+    except OSError as err:
+        if err.errno in ABSENT:
+            return False
+        raise

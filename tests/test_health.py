@@ -49,12 +49,16 @@ def test_healthz_and_metrics_follow_the_sync(
     assert status == 200
     assert metric(text, "revision") == revision
     assert metric(text, "snapshots_total") == 1
-    assert metric(text, "skipped_keys_total") == 1
+    assert metric(text, "skipped_keys") == 1  # a gauge: the keys skipped now
+    assert metric(text, "files") == 1
     assert metric(text, "healthy") == 1
     assert metric(text, "last_sync_timestamp_seconds") > 1.7e9
     etcd.put(prefix + "a", b"2")  # type: ignore[attr-defined]
     busy_wait(lambda: metric(get(port, "/metrics")[1], "snapshots_total") == 2)
-    assert metric(get(port, "/metrics")[1], "revision") == revision + 1
+    text = get(port, "/metrics")[1]
+    assert metric(text, "revision") == revision + 1
+    assert metric(text, "skipped_keys") == 1  # not counted again at each change
+    assert metric(text, "signals_total") == 0  # no child: nothing was signalled
     assert get(port, "/nope")[0] == 404
     assert proc.stop() == 0
 

@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import dir_files, read_tree, snapshot_dirs
 
-from etcd_config_dispenser import snapshot
 from etcd_config_dispenser.keys import KeyTree
-from etcd_config_dispenser.snapshot import (
-    DATA_LINK,
-    TMP_LINK,
-    SnapshotError,
-    SnapshotWriter,
-    dir_mode,
-)
+from etcd_config_dispenser.layout import DATA_LINK, TMP_LINK
+from etcd_config_dispenser.snapshot import SnapshotError, SnapshotWriter, dir_mode
 
 
 class Clock:
@@ -36,6 +30,12 @@ def assert_only_kept(target: Path, writer: SnapshotWriter) -> None:
     assert sorted(snapshot_dirs(target)) == sorted(writer.kept_dirs)
 
 
+def finish(writer: SnapshotWriter) -> None:
+    """What the publisher does after a publish: settle it, then the housekeeping due."""
+    writer.settle()
+    writer.maintain()
+
+
 def make_writer(target: Path, **kwargs: object) -> SnapshotWriter:
     writer = SnapshotWriter(target, **kwargs)  # type: ignore[arg-type]
     writer.recover()
@@ -49,8 +49,9 @@ def publish(writer: SnapshotWriter, tree: KeyTree, revision: int, **edits: bytes
         path = name.replace("__", "/")
         changed |= tree.delete(path) if value is None else tree.put(path, value)
     result = writer.publish(tree.files, changed, revision)
-    writer.finish()
-    return result
+    writer.settle()
+    writer.maintain()
+    return result is not None
 
 
 def test_layout_after_first_publish(tmp_path: Path) -> None:
@@ -164,7 +165,7 @@ def test_failed_flip_keeps_the_live_snapshot(
     def no_space(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(snapshot.os, "replace", no_space)  # the rename onto ..data fails
+    monkeypatch.setattr(writer, "_flip", no_space)  # the rename onto ..data fails
     with pytest.raises(SnapshotError, match="r2 not published"):
         writer.publish(tree.files, {"b"}, 2)
     monkeypatch.undo()
@@ -186,16 +187,16 @@ def test_failed_write_removes_the_half_built_directory(
     live = os.readlink(target / DATA_LINK)
     for name in "bcd":
         tree.put(name, b"2")
-    real_write = writer._write_file
-    calls: list[Path] = []
+    real_write = writer._write
+    calls: list[str] = []
 
-    def write_then_fail(dest: Path, value: bytes, fsync: bool, from_pool: bool = False) -> None:
-        calls.append(dest)
+    def write_then_fail(tree: object, rel: str, value: bytes, pool: int | None) -> int:
+        calls.append(rel)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(dest, value, fsync, from_pool)
+        return real_write(tree, rel, value, pool)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(writer, "_write_file", write_then_fail)
+    monkeypatch.setattr(writer, "_write", write_then_fail)
     with pytest.raises(SnapshotError, match="No space left"):
         writer.publish(tree.files, {"b", "c", "d"}, 2)
     assert os.readlink(target / DATA_LINK) == live
@@ -221,7 +222,7 @@ def test_recover_removes_debris_and_keeps_the_live_snapshot(tmp_path: Path) -> N
     assert read_tree(target) == {"a": b"1", "sub/b": b"2"}  # still served
     # The first publish of the new process replaces it, links included.
     assert restarted.publish({"c": b"3"}, {"c"}, 3)
-    restarted.finish()
+    finish(restarted)
     assert read_tree(target) == {"c": b"3"}
     assert_only_kept(target, restarted)
 
@@ -274,6 +275,7 @@ def test_fast_path_equals_a_full_rebuild(tmp_path: Path, seed: int) -> None:
     served = dict(tree.files)
     pending: set[str] = set()  # paths where the tree is ahead of what is served
     history: dict[str, dict[str, bytes]] = {os.readlink(target / DATA_LINK): served}
+    retired: dict[str, float] = {}  # snapshot name -> when it stopped being live
     for revision in range(2, 100):
         changed: set[str] = set(pending)
         for _ in range(rng.randint(1, 3)):
@@ -287,14 +289,26 @@ def test_fast_path_equals_a_full_rebuild(tmp_path: Path, seed: int) -> None:
                 pending = changed
             else:
                 served, pending = dict(tree.files), set()
-            writer.finish()
+            finish(writer)
         assert read_tree(target) == served
         assert dir_files(target / os.readlink(target / DATA_LINK)) == served
         assert sorted(snapshot_dirs(target)) == sorted(writer.kept_dirs)
-        clock.now += rng.choice([0.1, 0.5, 2.0])
-        for name in snapshot_dirs(target):  # every kept snapshot still holds its revision
-            if name in history:
+        live_now = os.readlink(target / DATA_LINK)
+        retired.pop(live_now, None)  # live again after a rollback
+        for name in history:  # live until now (a rejected one: only for the check)
+            if name != live_now and name not in retired:
+                retired[name] = clock.now
+        # Within the grace period a retired snapshot still holds its revision; past
+        # it, housekeeping brings it up to what is served: no value stays that is
+        # no longer live.
+        for name in snapshot_dirs(target):
+            if name in history and clock.now - retired.get(name, -1e9) < 1.0:
                 assert dir_files(target / name) == history[name]
+        clock.now += rng.choice([0.1, 0.5, 2.0])
+        writer.maintain()
+        for name in snapshot_dirs(target):
+            if name != live_now and clock.now - retired.get(name, -1e9) >= 1.0:
+                assert dir_files(target / name) == served
 
 
 def test_rollback_puts_the_previous_snapshot_back(tmp_path: Path) -> None:
@@ -310,7 +324,7 @@ def test_rollback_puts_the_previous_snapshot_back(tmp_path: Path) -> None:
     assert writer.rollback() == before
     assert os.readlink(target / DATA_LINK) == before
     assert read_tree(target) == {"a": b"1", "b": b"1", "sub/c": b"1"}  # links too
-    writer.finish()
+    finish(writer)
     assert_only_kept(target, writer)
     # The rejected paths go with the next change, and are published then.
     changed |= tree.put("d", b"4")
@@ -333,7 +347,8 @@ def test_rollback_to_the_snapshot_a_previous_process_left(tmp_path: Path) -> Non
     before = make_writer(target)
     publish(before, KeyTree(), 1, a=b"good", sub__b=b"good")
     adopted = os.readlink(target / DATA_LINK)
-    writer = SnapshotWriter(target)
+    clock = Clock()
+    writer = SnapshotWriter(target, clock=clock)
     assert writer.recover() == adopted
     tree = KeyTree()
     tree.put("a", b"bad")
@@ -342,13 +357,16 @@ def test_rollback_to_the_snapshot_a_previous_process_left(tmp_path: Path) -> Non
     assert writer.can_roll_back
     assert writer.rollback() == adopted
     assert read_tree(target) == {"a": b"good", "sub/b": b"good"}  # links put back too
-    writer.finish()
+    finish(writer)
     assert_only_kept(target, writer)  # the rejected one is gone, the adopted one kept
     # The next publish writes everything again, whatever it is handed.
     tree.put("a", b"fixed")
     assert writer.publish(tree.files, {"a"}, 3)
     assert read_tree(target) == {"a": b"fixed", "c": b"bad"}
-    writer.finish()
+    finish(writer)
+    assert_only_kept(target, writer)
+    clock.now += 1  # past the grace period: what a reader could have been in goes
+    finish(writer)
     assert_only_kept(target, writer)
     assert adopted not in snapshot_dirs(target)
 

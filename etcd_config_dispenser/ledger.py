@@ -1,0 +1,171 @@
+"""Which snapshot directories exist, what each one holds, and which to use next. No I/O.
+
+Publishes are numbered: publish ``k`` moves the live content from sequence
+``k`` to ``k + 1``, and ``journal[k]`` holds the paths it changed. A
+directory whose content is that of sequence ``s`` therefore differs from the
+live one in exactly the paths of ``journal[s:]``: bringing it up to date
+costs those paths, not a rewrite of every file. ``dirty`` holds paths the
+live directory may not hold as the key tree says (a write that failed, a
+change rolled back by --check): every publish rewrites them, so the caller
+never has to remember what was not served.
+
+A retired directory may still be read by someone who resolved ``..data``
+just before the flip, so it is left untouched for ``grace`` seconds. Once
+that is over it is either deleted (beyond ``max_spares``) or brought up to
+the live content (``catch_up``): then no directory under the target holds a
+value that etcd no longer has, and the next change starts from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Snap:
+    """A snapshot directory of this process: its name and the sequence its files are at."""
+
+    name: str
+    seq: int
+    revision: int
+    retired_at: float | None = None  # monotonic time it stopped being live; None: never live
+
+
+@dataclass
+class Housekeeping:
+    """What is due now: directories to delete, spares to bring up to the live content."""
+
+    delete: list[str] = field(default_factory=list)
+    catch_up: list[tuple[Snap, set[str]]] = field(default_factory=list)
+    next_due: float | None = None  # when more will be due (monotonic), if ever
+
+
+class Ledger:
+    def __init__(self, grace: float, max_spares: int) -> None:
+        self.grace = grace
+        self.max_spares = max_spares
+        self.live: Snap | None = None
+        self.adopted: str | None = None  # live, left by a previous process; contents untracked
+        self.spares: list[Snap] = []  # oldest retirement first
+        self.doomed: dict[str, float] = {}  # directory name -> delete it from this time on
+        self.previous: Snap | str | None = None  # what rollback() goes back to
+        self.journal: list[frozenset[str]] = []
+        self.base = 0  # sequence of journal[0]
+        self.dirty: set[str] = set()
+
+    @property
+    def seq(self) -> int:
+        return self.base + len(self.journal)
+
+    def _since(self, seq: int) -> set[str]:
+        paths: set[str] = set()
+        for entry in self.journal[seq - self.base :]:
+            paths |= entry
+        return paths
+
+    def _past_grace(self, snap: Snap, now: float) -> bool:
+        return snap.retired_at is None or now - snap.retired_at >= self.grace
+
+    def take_spare(self, now: float) -> tuple[Snap, set[str]] | None:
+        """The oldest spare no reader can be in, and the paths it lacks; it leaves the spares."""
+        if self.live is None:
+            return None  # spares are only known relative to a live snapshot of ours
+        for spare in self.spares:
+            if self._past_grace(spare, now):
+                self.spares.remove(spare)
+                return spare, self._since(spare.seq)
+        return None
+
+    def published(self, name: str, revision: int, changed: Collection[str], now: float) -> None:
+        """``name`` is live now; ``changed`` are the paths it differs in from the one before."""
+        old = self.live
+        self.previous = old if old is not None else self.adopted
+        if old is not None:
+            old.retired_at = now
+            self.spares.append(old)
+        else:  # the first snapshot of this process: nothing before it is ours to reuse
+            for spare in self.spares:
+                self.doomed[spare.name] = now + self.grace
+            self.spares = []
+            if self.adopted is not None:
+                self.doomed[self.adopted] = now + self.grace
+                self.adopted = None
+        self.journal.append(frozenset(changed) if old is not None else frozenset())
+        self.live = Snap(name, self.seq, revision)
+        self.dirty = set()
+
+    def failed(self, paths: Collection[str]) -> None:
+        """These paths are not live as the key tree has them: rewrite them next time."""
+        self.dirty |= set(paths)
+
+    def rolled_back(self, now: float) -> tuple[str, Collection[str] | None]:
+        """The last publish is undone; (the name live again, the paths that changed back:
+        None when the previous process's snapshot, whose files are not tracked, is back)."""
+        previous, rejected = self.previous, self.live
+        if previous is None or rejected is None:
+            raise ValueError("no previous snapshot to go back to")
+        self.previous = None
+        paths = self.journal[-1]
+        rejected.retired_at = now
+        if isinstance(previous, str):
+            self.adopted, self.live = previous, None
+            self.doomed.pop(previous, None)
+            self.doomed[rejected.name] = now + self.grace
+            return previous, None
+        self.journal.append(paths)  # the way back touches the same paths
+        self.spares.remove(previous)
+        self.spares.append(rejected)
+        self.live = Snap(previous.name, self.seq, previous.revision)
+        self.dirty |= paths
+        return previous.name, paths
+
+    def settle(self) -> None:
+        """The last publish stays: nothing to roll back to any more."""
+        self.previous = None
+
+    def housekeeping(self, now: float) -> Housekeeping:
+        """What may be done now (nothing a reader could still be in, nothing rollback needs)."""
+        due = Housekeeping()
+        protected = self.previous if isinstance(self.previous, Snap) else None
+        for name, when in list(self.doomed.items()):
+            if when <= now and name != self.previous:
+                due.delete.append(name)
+                del self.doomed[name]
+        ready = [s for s in self.spares if self._past_grace(s, now) and s is not protected]
+        for spare in ready[: max(0, len(self.spares) - self.max_spares)]:  # oldest first
+            self.spares.remove(spare)
+            due.delete.append(spare.name)
+        if self.live is not None:
+            for spare in self.spares:
+                ready_now = self._past_grace(spare, now) and spare is not protected
+                if ready_now and spare.seq != self.live.seq:
+                    due.catch_up.append((spare, self._since(spare.seq)))
+        waits = [s.retired_at + self.grace for s in self.spares if s.retired_at is not None]
+        waits += list(self.doomed.values())
+        due.next_due = min((w for w in waits if w > now), default=None)
+        return due
+
+    def caught_up(self, spare: Snap) -> None:
+        """``spare`` holds the live content now."""
+        assert self.live is not None
+        spare.seq = self.live.seq
+
+    def add_spare(self, spare: Snap) -> None:
+        self.spares.append(spare)
+
+    def trim(self) -> None:
+        """Forget journal entries that no directory needs any more."""
+        seqs = [s.seq for s in self.spares]
+        if self.live is not None:
+            seqs.append(self.live.seq)
+        if isinstance(self.previous, Snap):
+            seqs.append(self.previous.seq)
+        keep_from = min(seqs, default=self.seq)
+        del self.journal[: keep_from - self.base]
+        self.base = keep_from
+
+    def names(self) -> list[str]:
+        """Every snapshot directory this ledger knows of: live, spares, doomed."""
+        live = [self.live.name] if self.live else [self.adopted] if self.adopted else []
+        return live + [s.name for s in self.spares] + list(self.doomed)

@@ -1,0 +1,276 @@
+"""The file side of the flow: etcd events -> key rules -> snapshot writer -> signal.
+
+Runs in its own thread and consumes what the etcd session puts in its
+inbox. Events already waiting when a snapshot starts are applied together,
+as one snapshot (a revision is never split; several may be coalesced), so a
+burst does not signal the child hundreds of times. A snapshot that cannot be
+written is the target's problem, not etcd's: it is retried with backoff from
+the key tree it already has, and the etcd session is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from .health import Stats
+from .keys import InvalidKey, KeyTree, key_to_relpath, show
+from .session import Ended, Event, FullRead
+from .snapshot import Published, SnapshotError, SnapshotWriter
+from .source import Batch
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST, RETRY_MAX = 0.1, 10.0  # seconds between tries to write the target
+ONCE_WRITE_ATTEMPTS = 3  # --once gives up writing the target after this many tries
+
+
+def window_closes(first_at: float, last_at: float, quiet: float, most: float) -> float:
+    """--wait (consul-template's ``wait``): when changes that came at ``first_at`` ..
+    ``last_at`` are published: ``quiet`` after the last one, at the latest ``most``
+    after the first one."""
+    return min(last_at + quiet, first_at + most)
+
+
+def retry_delay(failures: int, most: float = RETRY_MAX) -> float:
+    """Backoff between tries to write the target: doubling from RETRY_FIRST, capped."""
+    return float(min(most, RETRY_FIRST * 2 ** max(0, failures - 1)))
+
+
+class Publisher:
+    """Keeps the target equal to what etcd said, one snapshot per batch of changes."""
+
+    def __init__(
+        self,
+        writer: SnapshotWriter,
+        inbox: queue.Queue[Event],
+        prefix: bytes,
+        notify: Callable[[], bool],
+        stats: Stats,
+        once: bool = False,
+        wait: tuple[float, float] | None = None,
+        check: Callable[[], tuple[int, str]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.writer = writer
+        self.inbox = inbox
+        self.prefix = prefix
+        self.notify = notify  # signals the child; False if there is none to signal
+        self.stats = stats
+        self.once = once
+        self.wait = wait  # (quiet, most) seconds, or None: publish every change at once
+        self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
+        self.clock = clock
+        self.tree = KeyTree()
+        self.first_sync = threading.Event()  # a snapshot is live: the child may start
+        self.done = threading.Event()  # the thread has ended
+        self.first_rejected = False  # --check refused the first snapshot (--once exits 1)
+        self.max_path = writer.max_key_path
+        self._invalid = 0  # keys refused by the key rules at the last full read
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="publisher", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception:  # a bug: logged whole; the supervisor sees done and stops
+            log.exception("publisher failed")
+        finally:
+            self.done.set()
+
+    def _run(self) -> None:
+        changed: set[str] = set()  # paths absorbed and not yet handed to the writer
+        owed: int | None = None  # the revision a publish is owed for
+        window: tuple[float, float] | None = None  # --wait: (first, last) change times
+        retry_at: float | None = None  # after a failed write
+        failures = 0
+        housekeeping_at: float | None = None
+        while True:
+            deadlines = [t for t in (retry_at, housekeeping_at) if t is not None]
+            if window is not None and self.wait is not None:
+                deadlines.append(window_closes(*window, *self.wait))
+            timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else None
+            events = self._take(timeout)
+            ended = bool(events) and isinstance(events[-1], Ended)
+            for event in events:
+                if isinstance(event, Ended):  # last: what came before it is still published
+                    window = None
+                    break
+                changed |= self._absorb(event)
+                owed = event.revision
+                now = self.clock()
+                if isinstance(event, FullRead) or self.wait is None:
+                    window = None
+                else:
+                    window = (window[0] if window else now, now)
+            now = self.clock()
+            if window is not None and self.wait is not None:
+                if now < window_closes(*window, *self.wait):
+                    continue
+                window = None
+            if owed is not None and (retry_at is None or now >= retry_at):
+                try:
+                    self._publish(owed, changed)
+                except SnapshotError as err:
+                    failures += 1
+                    retry_at = now + retry_delay(failures)
+                    self.stats.write_failed(str(err))
+                    log.error(
+                        "r%d: cannot write the target: %s; %s; retrying in %.1fs",
+                        owed,
+                        err,
+                        self.stats.serving_text(),
+                        retry_at - now,
+                    )
+                    if self.once and failures >= ONCE_WRITE_ATTEMPTS:
+                        return
+                else:
+                    failures, retry_at, owed = 0, None, None
+                    self.stats.write_ok()
+                    if self.once:
+                        return
+                changed = set()  # the writer owes what it could not serve
+                housekeeping_at = self.clock()
+            if ended:
+                return
+            # Housekeeping when due, and only when no change is waiting: changes first.
+            due = housekeeping_at is not None and self.clock() >= housekeeping_at
+            if due and self.inbox.empty():
+                housekeeping_at = self.writer.maintain()
+
+    def _take(self, timeout: float | None) -> list[Event]:
+        """The next event (waiting up to ``timeout``), and every one already queued behind it."""
+        try:
+            events = [self.inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not isinstance(events[-1], Ended):
+            try:
+                events.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return events
+
+    # -- key rules ----------------------------------------------------------
+
+    def _relpath(self, key: bytes, revision: int) -> str | None:
+        try:
+            return key_to_relpath(key, self.prefix, self.max_path)
+        except InvalidKey as err:
+            log.warning("r%d: skipping key %s: it %s", revision, show(key), err)
+            return None
+
+    def _absorb(self, event: FullRead | Batch) -> set[str]:
+        """Apply an event to the key tree; return the file paths it changed."""
+        if isinstance(event, FullRead):
+            return self._resync(event.revision, event.kvs)
+        changed: set[str] = set()
+        for change in event.changes:
+            path = self._relpath(change.key, event.revision)
+            if path is None:
+                continue
+            if change.value is None:
+                changed |= self.tree.delete(path)
+            else:
+                changed |= self.tree.put(path, change.value)
+                shadow = self.tree.shadowing_key(path)
+                if shadow is not None:
+                    log.warning(
+                        "r%d: skipping key %s: %s is a file",
+                        event.revision,
+                        show(path),
+                        show(shadow),
+                    )
+        self.stats.skipped_keys = self._skipped_now()
+        return changed
+
+    def _resync(self, revision: int, kvs: Iterable[tuple[bytes, bytes]]) -> set[str]:
+        """Replace the whole key tree with a full read; the paths that differ."""
+        tree = KeyTree()
+        invalid = 0
+        for key, value in kvs:
+            path = self._relpath(key, revision)
+            if path is None:
+                invalid += 1
+            else:
+                tree.put(path, value)
+        for path, shadow in tree.hidden():
+            log.warning("r%d: skipping key %s: %s is a file", revision, show(path), show(shadow))
+        old, new = self.tree.files, tree.files
+        self.tree = tree
+        self._invalid = invalid
+        self.stats.skipped_keys = self._skipped_now()
+        return {p for p in old.keys() | new.keys() if old.get(p) != new.get(p)}
+
+    def _skipped_now(self) -> int:
+        return self._invalid + len(self.tree.values) - len(self.tree.files)
+
+    # -- one snapshot -------------------------------------------------------
+
+    def _publish(self, revision: int, changed: set[str]) -> None:
+        """Make the tree live; --check it; signal the child. Raises SnapshotError."""
+        first = not self.first_sync.is_set()
+        result = self.writer.publish(self.tree.files, changed, revision)
+        if result is None:
+            log.debug("r%d: no file changed", revision)
+            self.stats.served(revision, self.writer.serving)
+            return
+        for path, why in sorted(result.failed.items()):
+            log.warning("r%d: skipping key %s: cannot write it: %s", revision, show(path), why)
+        # --check, whenever there is a snapshot to go back to: after every change,
+        # and at start-up over a snapshot a previous process left.
+        if self.check is not None and self.writer.can_roll_back and not self._checked(revision):
+            if first:  # the child starts, with the snapshot that was put back
+                self.first_rejected = True
+                self.first_sync.set()
+            self.writer.settle()
+            return
+        self.stats.served(revision, result.name, len(self.tree.files) - len(result.failed))
+        if first:
+            log.info("r%d: first snapshot live, %d files", revision, len(self.tree.files))
+            self.first_sync.set()
+        else:
+            signalled = self.notify()
+            self.stats.signals += 1 if signalled else 0
+            log.info(
+                "r%d: wrote %s; removed %s%s",
+                revision,
+                _names(result.written),
+                _names(result.removed),
+                "; child signalled" if signalled else "",
+            )
+        self.writer.settle()
+
+    def _checked(self, revision: int) -> bool:
+        """--check on the snapshot just made live; on failure put the previous one back."""
+        assert self.check is not None
+        code, output = self.check()
+        if code == 0:
+            return True
+        tail = " | ".join(output.strip().splitlines()[-5:]) or "no output"
+        previous = self.writer.rollback()
+        self.stats.check_failures += 1
+        log.error(
+            "r%d: check failed with exit code %d, %r is live again, no signal: %s",
+            revision,
+            code,
+            previous,
+            tail,
+        )
+        return False
+
+
+def _names(paths: list[str], most: int = 10) -> str:
+    if not paths:
+        return "nothing"
+    shown = ", ".join(show(p) for p in paths[:most])
+    return shown if len(paths) <= most else f"{shown} (+{len(paths) - most} more)"
+
+
+__all__ = ["Published", "Publisher", "retry_delay", "window_closes"]
