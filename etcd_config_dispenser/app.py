@@ -8,11 +8,12 @@ import queue
 
 from . import health
 from .child import Supervisor, become_subreaper, block_signals
-from .cli import Options
 from .config import EtcdConfig, child_environ
+from .events import Ended, Event
 from .health import Stats
+from .options import Options
 from .publisher import Publisher
-from .session import Ended, EtcdSession, Event
+from .session import EtcdSession
 from .snapshot import SnapshotWriter
 from .source import EtcdSource
 

@@ -69,7 +69,6 @@ import pwd
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -77,6 +76,7 @@ from docopt import DocoptExit, docopt
 
 from . import __version__, config
 from .keys import normalise_prefix
+from .options import Options
 
 log = logging.getLogger("etcd_config_dispenser")
 USAGE = __doc__ or ""
@@ -85,25 +85,6 @@ PROG = "etcd-config-dispenser"
 
 class UsageError(ValueError):
     """A bad flag. The message names the flag and the value."""
-
-
-@dataclass(frozen=True)
-class Options:
-    prefix: bytes
-    target: Path
-    signal: signal.Signals
-    mode: int
-    uid: int
-    gid: int
-    once: bool
-    kill_timeout: float
-    backoff_max: float
-    wait: tuple[float, float] | None
-    check: str | None
-    health_addr: tuple[str, int] | None
-    log_level: str
-    log_format: str
-    command: list[str]
 
 
 def _missing_flag(argv: list[str]) -> str | None:

@@ -14,13 +14,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
+from .events import Ended, Event, FullRead
 from .health import Stats
-from .keys import InvalidKey, KeyTree, key_to_relpath, show
-from .session import Ended, Event, FullRead
+from .intake import KeyIntake
+from .keys import show
 from .snapshot import Published, SnapshotError, SnapshotWriter
-from .source import Batch
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,10 @@ class Publisher:
         self.wait = wait  # (quiet, most) seconds, or None: publish every change at once
         self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
         self.clock = clock
-        self.tree = KeyTree()
+        self.keys = KeyIntake(prefix, writer.max_key_path)
         self.first_sync = threading.Event()  # a snapshot is live: the child may start
         self.done = threading.Event()  # the thread has ended
         self.first_rejected = False  # --check refused the first snapshot (--once exits 1)
-        self.max_path = writer.max_key_path
-        self._invalid = 0  # keys refused by the key rules at the last full read
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="publisher", daemon=True)
@@ -102,7 +100,8 @@ class Publisher:
                 if isinstance(event, Ended):  # last: what came before it is still published
                     window = None
                     break
-                changed |= self._absorb(event)
+                changed |= self.keys.absorb(event)
+                self.stats.skipped_keys = self.keys.skipped
                 owed = event.revision
                 now = self.clock()
                 if isinstance(event, FullRead) or self.wait is None:
@@ -157,66 +156,12 @@ class Publisher:
                 break
         return events
 
-    # -- key rules ----------------------------------------------------------
-
-    def _relpath(self, key: bytes, revision: int) -> str | None:
-        try:
-            return key_to_relpath(key, self.prefix, self.max_path)
-        except InvalidKey as err:
-            log.warning("r%d: skipping key %s: it %s", revision, show(key), err)
-            return None
-
-    def _absorb(self, event: FullRead | Batch) -> set[str]:
-        """Apply an event to the key tree; return the file paths it changed."""
-        if isinstance(event, FullRead):
-            return self._resync(event.revision, event.kvs)
-        changed: set[str] = set()
-        for change in event.changes:
-            path = self._relpath(change.key, event.revision)
-            if path is None:
-                continue
-            if change.value is None:
-                changed |= self.tree.delete(path)
-            else:
-                changed |= self.tree.put(path, change.value)
-                shadow = self.tree.shadowing_key(path)
-                if shadow is not None:
-                    log.warning(
-                        "r%d: skipping key %s: %s is a file",
-                        event.revision,
-                        show(path),
-                        show(shadow),
-                    )
-        self.stats.skipped_keys = self._skipped_now()
-        return changed
-
-    def _resync(self, revision: int, kvs: Iterable[tuple[bytes, bytes]]) -> set[str]:
-        """Replace the whole key tree with a full read; the paths that differ."""
-        tree = KeyTree()
-        invalid = 0
-        for key, value in kvs:
-            path = self._relpath(key, revision)
-            if path is None:
-                invalid += 1
-            else:
-                tree.put(path, value)
-        for path, shadow in tree.hidden():
-            log.warning("r%d: skipping key %s: %s is a file", revision, show(path), show(shadow))
-        old, new = self.tree.files, tree.files
-        self.tree = tree
-        self._invalid = invalid
-        self.stats.skipped_keys = self._skipped_now()
-        return {p for p in old.keys() | new.keys() if old.get(p) != new.get(p)}
-
-    def _skipped_now(self) -> int:
-        return self._invalid + len(self.tree.values) - len(self.tree.files)
-
     # -- one snapshot -------------------------------------------------------
 
     def _publish(self, revision: int, changed: set[str]) -> None:
         """Make the tree live; --check it; signal the child. Raises SnapshotError."""
         first = not self.first_sync.is_set()
-        result = self.writer.publish(self.tree.files, changed, revision)
+        result = self.writer.publish(self.keys.tree.files, changed, revision)
         if result is None:
             log.debug("r%d: no file changed", revision)
             self.stats.served(revision, self.writer.serving)
@@ -231,9 +176,9 @@ class Publisher:
                 self.first_sync.set()
             self.writer.settle()
             return
-        self.stats.served(revision, result.name, len(self.tree.files) - len(result.failed))
+        self.stats.served(revision, result.name, len(self.keys.tree.files) - len(result.failed))
         if first:
-            log.info("r%d: first snapshot live, %d files", revision, len(self.tree.files))
+            log.info("r%d: first snapshot live, %d files", revision, len(self.keys.tree.files))
             self.first_sync.set()
         else:
             signalled = self.notify()

@@ -14,12 +14,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import tenacity
 
+from .events import Ended, Event, FullRead
 from .health import Stats
-from .source import Batch, Compacted, EtcdSource, EtcdUnavailable
+from .source import Compacted, EtcdSource, EtcdUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +31,6 @@ HEALTHY_AFTER = 10.0  # a watch that lasted this long resets the backoff
 LIVENESS_INTERVAL = 3.0
 LIVENESS_TIMEOUT = 2.0
 ONCE_ATTEMPTS = 4  # --once gives up after this many failed reads (about 3 s)
-
-
-@dataclass(frozen=True)
-class FullRead:
-    """Every key under the prefix at one revision."""
-
-    revision: int
-    kvs: list[tuple[bytes, bytes]]
-
-
-@dataclass(frozen=True)
-class Ended:
-    """The session stopped for good: asked to, or --once gave up (``error``)."""
-
-    error: str | None = None
-
-
-Event = FullRead | Batch | Ended
 
 
 class EtcdSession:

@@ -27,17 +27,16 @@ written or removed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import recovery
-from .fsops import Tree, files_in, lstat_at, open_dir, remove_at, syncfs
+from .filemaker import FileMaker, has_file
+from .fsops import Tree, files_in, open_dir, remove_at, syncfs
 from .keys import MAX_PATH
 from .layout import DATA_LINK, POOL_DIR, SNAPSHOT_NAME_MAX, TMP_LINK, snapshot_name
 from .ledger import Ledger, Snap
@@ -47,14 +46,7 @@ log = logging.getLogger(__name__)
 
 FSYNC_EACH_MAX = 32  # up to this many files written: fsync each; beyond: one syncfs
 MAX_SPARES = 2  # retired snapshots kept, past their grace period, for the next changes
-POOL_SIZE = 8  # empty files kept ready for the next change
 GRACE = 0.25  # seconds a retired snapshot stays untouched for readers still in it
-# Errors that no single key explains: the whole target is unusable for now.
-TARGET_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
-)
-ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})  # no file (of ours) there
-PROBE = "..probe"  # a file made and removed to tell a key's failure from the target's
 
 
 class SnapshotError(OSError):
@@ -75,15 +67,6 @@ class Published:
     failed: dict[str, str] = field(default_factory=dict)  # path -> why it was not written
 
 
-def dir_mode(file_mode: int) -> int:
-    """Directories get x wherever r is set, and the owner always rwx: 0600 -> 0700,
-    0644 -> 0755, 0440 -> 0750. Without owner write a read-only --mode would
-    lock the dispenser itself out of its directories when it is not root.
-    """
-    mode = file_mode & 0o777
-    return mode | ((mode & 0o444) >> 2) | 0o700
-
-
 class SnapshotWriter:
     """Publishes snapshots into one target directory that it owns."""
 
@@ -99,18 +82,13 @@ class SnapshotWriter:
         max_spares: int = MAX_SPARES,
     ) -> None:
         self.target = target
-        self.mode = mode
-        self.dir_mode = dir_mode(mode)
-        self.uid = uid
-        self.gid = gid
+        self._maker = FileMaker(mode, uid, gid)
         self.clock = clock
         self.defer_first_sync = defer_first_sync
         self.ledger = Ledger(grace, max_spares)
         self._links = TopLinks()
         self._fd = -1  # the target, open from recover() on
-        self._unsynced = False  # the first snapshot waits for make_durable() to be synced
-        self._pool: list[str] = []  # names of empty files in ..pool
-        self._pool_serial = 0
+        self._unsynced = False  # the first snapshot waits for settle() to be synced
 
     # -- start-up ---------------------------------------------------------
 
@@ -124,7 +102,7 @@ class SnapshotWriter:
         """
         os.makedirs(self.target.parent, exist_ok=True)
         with contextlib.suppress(FileExistsError):
-            self._mkdir(None, str(self.target))
+            self._maker.mkdir(None, str(self.target))
         self._fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         found = recovery.inspect(self._fd)
         if found.problems:
@@ -173,11 +151,11 @@ class SnapshotWriter:
         3. Bring it to ``files``: remove, then write, the paths that differ;
            a path that only the journal names is linked from the live one.
         4. Make it durable: fsync each new file and every directory touched,
-           or one syncfs for a big change (first snapshot: see make_durable).
+           or one syncfs for a big change (first snapshot: see settle).
         5. Flip: symlink ``..data_tmp`` -> new dir, rename it onto ``..data``.
            This is the atomic moment.
         6. Add and remove the top-level links.
-        The retired directory is left for ``maintain``; ``make_durable``
+        The retired directory is left for ``maintain``; ``settle``
         (after the signal) makes the flip itself durable.
         """
         ledger = self.ledger
@@ -196,7 +174,7 @@ class SnapshotWriter:
                 renamed = True
                 delta = spare[1] | changed
             elif first:
-                self._mkdir(self._fd, name)
+                self._maker.mkdir(self._fd, name)
             else:
                 self._copy_live(name)
             fresh = spare is None
@@ -229,24 +207,13 @@ class SnapshotWriter:
         result = Published(name)
         live = None if first else self.serving
         source = Tree(open_dir(live, self._fd)) if live is not None else None
-        pool = open_dir(POOL_DIR, self._fd) if self._pool and not first else None
+        pool = open_dir(POOL_DIR, self._fd) if self._maker.pool and not first else None
         written: list[int] = []
         try:
             with Tree(open_dir(name, self._fd)) as tree:
-                for rel in delta:
-                    if rel not in files and tree.unlink(rel):
-                        tree.prune(rel.rpartition("/")[0])
-                for rel in delta:
-                    value = files.get(rel)
-                    if value is None:
-                        continue
-                    try:
-                        if not first:
-                            tree.unlink(rel)  # never truncate: the inode may be shared
-                        if rel in changed or source is None or not self._link(source, tree, rel):
-                            written.append(self._write(tree, rel, value, pool))
-                    except OSError as err:
-                        result.failed[rel] = self._blame(tree, err)
+                result.failed = self._maker.apply(
+                    tree, source, files, delta, changed, pool, written
+                )
                 if first and self.defer_first_sync and self.ledger.adopted is None:
                     self._unsynced = True  # synced by settle(), see app
                 elif fresh or len(written) > FSYNC_EACH_MAX:
@@ -263,61 +230,14 @@ class SnapshotWriter:
                 source.close()
         return result
 
-    def _blame(self, tree: Tree, err: OSError) -> str:
-        """Why one key could not be written; raise if the target itself is the reason."""
-        if err.errno in TARGET_ERRNOS:
-            raise err
-        try:  # can anything be written here at all?
-            fd = os.open(PROBE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, dir_fd=tree.fd)
-            os.close(fd)
-            os.unlink(PROBE, dir_fd=tree.fd)
-        except OSError:
-            raise err from None
-        return err.strerror or str(err)
-
-    def _write(self, tree: Tree, rel: str, value: bytes, pool: int | None) -> int:
-        """A new file at ``rel`` holding ``value``; its open descriptor, for fsync."""
-        parent, leaf = tree.parent(rel, self._mkdir)
-        pooled = self._pool.pop() if pool is not None and self._pool else None
-        if pooled is not None:
-            fd = os.open(pooled, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pool)
-        else:
-            fd = self._create(parent, leaf)
-        try:
-            view = memoryview(value)
-            while view:
-                view = view[os.write(fd, view) :]
-            if pooled is not None:
-                os.rename(pooled, leaf, src_dir_fd=pool, dst_dir_fd=parent)
-        except OSError:
-            os.close(fd)
-            if pooled is not None:
-                os.unlink(pooled, dir_fd=pool)
-            raise
-        return fd
-
-    def _link(self, source: Tree, tree: Tree, rel: str) -> bool:
-        """Share the live file at ``rel``; False if the live snapshot has none."""
-        try:
-            src_parent, leaf = source.parent(rel)
-            if not _is_file(src_parent, leaf):
-                return False
-        except OSError as err:
-            if err.errno in ABSENT:
-                return False
-            raise
-        parent, _ = tree.parent(rel, self._mkdir)
-        os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
-        return True
-
     def _copy_live(self, name: str) -> None:
         """Hard-link every live file into a new directory: no file contents copied."""
-        self._mkdir(self._fd, name)
+        self._maker.mkdir(self._fd, name)
         live = self.serving
         assert live is not None
         with Tree(open_dir(name, self._fd)) as tree, Tree(open_dir(live, self._fd)) as source:
             for rel in self._links.live_paths:
-                self._link(source, tree, rel)
+                self._maker.link(source, tree, rel)
 
     def _flip(self, name: str) -> None:
         """Point ``..data`` at ``name`` in one rename: the atomic moment."""
@@ -358,7 +278,7 @@ class SnapshotWriter:
                 on_disk = files_in(tree.fd)
                 self._update_links(dict.fromkeys(on_disk, True), True, f"back to {name}")
             else:
-                present = {p: _has_file(tree, p) for p in paths}
+                present = {p: has_file(tree, p) for p in paths}
                 self._update_links(present, False, f"back to {name}")
         return name
 
@@ -400,7 +320,7 @@ class SnapshotWriter:
         try:
             for spare, paths in due.catch_up:
                 self._catch_up(spare, paths)
-            self._fill_pool()
+            self._maker.fill_pool(self._fd)
             live = self.ledger.live
             if live is not None and not self.ledger.spares:
                 self._prepare_spare(live)
@@ -423,7 +343,7 @@ class SnapshotWriter:
                     if tree.unlink(rel):
                         tree.prune(rel.rpartition("/")[0])
                 for rel in paths:
-                    self._link(src, tree, rel)
+                    self._maker.link(src, tree, rel)
                 for fd in tree.opened():
                     os.fsync(fd)
         except OSError:
@@ -448,60 +368,7 @@ class SnapshotWriter:
             raise
         self.ledger.add_spare(Snap(name, live.seq, live.revision))
 
-    def _fill_pool(self) -> None:
-        with contextlib.suppress(FileExistsError):
-            self._mkdir(self._fd, POOL_DIR)
-        pool = open_dir(POOL_DIR, self._fd)
-        try:
-            while len(self._pool) < POOL_SIZE:
-                self._pool_serial += 1
-                name = str(self._pool_serial)
-                os.close(self._create(pool, name))
-                self._pool.append(name)
-        finally:
-            os.close(pool)
-
-    # -- primitives with the mode and owner asked for ---------------------
-
-    def _create(self, dir_fd: int, name: str) -> int:
-        """A new empty file with the mode (whatever the umask) and owner asked for."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, self.mode, dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, self.mode)
-            if self.uid != -1 or self.gid != -1:
-                os.fchown(fd, self.uid, self.gid)
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
-
-    def _mkdir(self, dir_fd: int | None, name: str) -> None:
-        """A new directory with the directory mode (whatever the umask) and owner."""
-        os.mkdir(name, self.dir_mode, dir_fd=dir_fd)
-        fd = open_dir(name, dir_fd)
-        try:
-            os.fchmod(fd, self.dir_mode)
-            if self.uid != -1 or self.gid != -1:
-                os.fchown(fd, self.uid, self.gid)
-        finally:
-            os.close(fd)
-
     @property
     def kept_dirs(self) -> list[str]:
         """Snapshot directories this writer knows of: live, spares, and those to delete."""
         return self.ledger.names()
-
-
-def _is_file(dir_fd: int, name: str) -> bool:
-    st = lstat_at(dir_fd, name)
-    return st is not None and stat.S_ISREG(st.st_mode)
-
-
-def _has_file(tree: Tree, rel: str) -> bool:
-    try:
-        return _is_file(*tree.parent(rel))
-    except OSError as err:
-        if err.errno in ABSENT:
-            return False
-        raise

@@ -25,6 +25,7 @@ import grpc
 from etcd3.etcdrpc import kv_pb2
 
 from .config import Endpoint, EtcdConfig
+from .events import Batch, Change
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,6 @@ class Compacted(Exception):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"revision compacted (compact_revision={compact_revision})")
         self.compact_revision = compact_revision
-
-
-@dataclass(frozen=True)
-class Change:
-    key: bytes
-    value: bytes | None  # None: the key was deleted
-
-
-@dataclass(frozen=True)
-class Batch:
-    """The changes of one watch response: one or more whole transactions, in order."""
-
-    revision: int
-    changes: list[Change]
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from helpers import dir_files, read_tree, snapshot_dirs
 
+from etcd_config_dispenser.filemaker import dir_mode
 from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.layout import DATA_LINK, TMP_LINK
-from etcd_config_dispenser.snapshot import SnapshotError, SnapshotWriter, dir_mode
+from etcd_config_dispenser.snapshot import SnapshotError, SnapshotWriter
 
 
 class Clock:
@@ -187,7 +188,7 @@ def test_failed_write_removes_the_half_built_directory(
     live = os.readlink(target / DATA_LINK)
     for name in "bcd":
         tree.put(name, b"2")
-    real_write = writer._write
+    real_write = writer._maker.write
     calls: list[str] = []
 
     def write_then_fail(tree: object, rel: str, value: bytes, pool: int | None) -> int:
@@ -196,7 +197,7 @@ def test_failed_write_removes_the_half_built_directory(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(tree, rel, value, pool)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(writer, "_write", write_then_fail)
+    monkeypatch.setattr(writer._maker, "write", write_then_fail)
     with pytest.raises(SnapshotError, match="No space left"):
         writer.publish(tree.files, {"b", "c", "d"}, 2)
     assert os.readlink(target / DATA_LINK) == live

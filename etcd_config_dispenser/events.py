@@ -1,0 +1,37 @@
+"""What flows from etcd to the files: plain data, so every consumer can be tested without etcd."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Change:
+    key: bytes
+    value: bytes | None  # None: the key was deleted
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The changes of one watch response: one or more whole transactions, in order."""
+
+    revision: int
+    changes: list[Change]
+
+
+@dataclass(frozen=True)
+class FullRead:
+    """Every key under the prefix at one revision."""
+
+    revision: int
+    kvs: list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The session stopped for good: asked to, or --once gave up (``error``)."""
+
+    error: str | None = None
+
+
+Event = FullRead | Batch | Ended

@@ -1,0 +1,183 @@
+"""Makes the files and directories of a snapshot, with the mode and owner asked for.
+
+Kept apart from the snapshot writer, which decides what goes where: this
+module only makes entries, relative to open directories (``fsops``), and
+tells a key's failure from the target's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Mapping
+
+from .fsops import Tree, lstat_at, open_dir
+from .layout import POOL_DIR
+
+POOL_SIZE = 8  # empty files kept ready for the next change
+# Errors that no single key explains: the whole target is unusable for now.
+TARGET_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+)
+ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})  # no file (of ours) there
+PROBE = "..probe"  # a file made and removed to tell a key's failure from the target's
+
+
+def dir_mode(file_mode: int) -> int:
+    """Directories get x wherever r is set, and the owner always rwx: 0600 -> 0700,
+    0644 -> 0755, 0440 -> 0750. Without owner write a read-only --mode would
+    lock the dispenser itself out of its directories when it is not root.
+    """
+    mode = file_mode & 0o777
+    return mode | ((mode & 0o444) >> 2) | 0o700
+
+
+class FileMaker:
+    """New files and directories with the mode (whatever the umask) and owner asked for.
+
+    Creating an inode is the slow part of a small change, so new files come
+    from a pool of empty ones made ahead (after the signal) and are renamed
+    into place once written.
+    """
+
+    def __init__(self, mode: int = 0o600, uid: int = -1, gid: int = -1) -> None:
+        self.mode = mode
+        self.dir_mode = dir_mode(mode)
+        self.uid = uid
+        self.gid = gid
+        self.pool: list[str] = []  # names of empty files in ..pool
+        self._pool_serial = 0
+
+    def apply(
+        self,
+        tree: Tree,
+        source: Tree | None,
+        files: Mapping[str, bytes],
+        delta: set[str],
+        changed: set[str],
+        pool: int | None,
+        written: list[int],
+    ) -> dict[str, str]:
+        """Bring the paths of ``delta`` in ``tree`` to ``files``: removals first, then
+        writes (``changed`` ones, or any ``source`` lacks) or hard links from ``source``.
+
+        New files' descriptors are appended to ``written`` (for fsync); keys
+        whose file could not be written are returned, with why.
+        """
+        failed: dict[str, str] = {}
+        for rel in delta:
+            if rel not in files and tree.unlink(rel):
+                tree.prune(rel.rpartition("/")[0])
+        for rel in delta:
+            value = files.get(rel)
+            if value is None:
+                continue
+            try:
+                tree.unlink(rel)  # never truncate: the inode may be shared, or open
+                if rel in changed or source is None or not self.link(source, tree, rel):
+                    written.append(self.write(tree, rel, value, pool))
+            except OSError as err:
+                failed[rel] = blame(tree, err)
+        return failed
+
+    def write(self, tree: Tree, rel: str, value: bytes, pool: int | None) -> int:
+        """A new file at ``rel`` holding ``value``; its open descriptor, for fsync."""
+        parent, leaf = tree.parent(rel, self.mkdir)
+        pooled = self.pool.pop() if pool is not None and self.pool else None
+        if pooled is not None:
+            fd = os.open(pooled, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pool)
+        else:
+            fd = self.create(parent, leaf)
+        try:
+            view = memoryview(value)
+            while view:
+                view = view[os.write(fd, view) :]
+            if pooled is not None:
+                os.rename(pooled, leaf, src_dir_fd=pool, dst_dir_fd=parent)
+        except OSError:
+            os.close(fd)
+            if pooled is not None:
+                os.unlink(pooled, dir_fd=pool)
+            raise
+        return fd
+
+    def link(self, source: Tree, tree: Tree, rel: str) -> bool:
+        """Share the live file at ``rel``; False if the live snapshot has none."""
+        try:
+            src_parent, leaf = source.parent(rel)
+            if not _is_file(src_parent, leaf):
+                return False
+        except OSError as err:
+            if err.errno in ABSENT:
+                return False
+            raise
+        parent, _ = tree.parent(rel, self.mkdir)
+        os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
+        return True
+
+    def fill_pool(self, target_fd: int) -> None:
+        with contextlib.suppress(FileExistsError):
+            self.mkdir(target_fd, POOL_DIR)
+        pool = open_dir(POOL_DIR, target_fd)
+        try:
+            while len(self.pool) < POOL_SIZE:
+                self._pool_serial += 1
+                name = str(self._pool_serial)
+                os.close(self.create(pool, name))
+                self.pool.append(name)
+        finally:
+            os.close(pool)
+
+    def create(self, dir_fd: int, name: str) -> int:
+        """A new empty file with the mode (whatever the umask) and owner asked for."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, self.mode, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, self.mode)
+            if self.uid != -1 or self.gid != -1:
+                os.fchown(fd, self.uid, self.gid)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def mkdir(self, dir_fd: int | None, name: str) -> None:
+        """A new directory with the directory mode (whatever the umask) and owner."""
+        os.mkdir(name, self.dir_mode, dir_fd=dir_fd)
+        fd = open_dir(name, dir_fd)
+        try:
+            os.fchmod(fd, self.dir_mode)
+            if self.uid != -1 or self.gid != -1:
+                os.fchown(fd, self.uid, self.gid)
+        finally:
+            os.close(fd)
+
+
+def blame(tree: Tree, err: OSError) -> str:
+    """Why one key could not be written; raise if the target itself is the reason."""
+    if err.errno in TARGET_ERRNOS:
+        raise err
+    try:  # can anything be written here at all?
+        fd = os.open(PROBE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, dir_fd=tree.fd)
+        os.close(fd)
+        os.unlink(PROBE, dir_fd=tree.fd)
+    except OSError:
+        raise err from None
+    return err.strerror or str(err)
+
+
+def _is_file(dir_fd: int, name: str) -> bool:
+    st = lstat_at(dir_fd, name)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def has_file(tree: Tree, rel: str) -> bool:
+    """Whether ``rel`` is a regular file in ``tree`` (links and directories are not)."""
+    try:
+        return _is_file(*tree.parent(rel))
+    except OSError as err:
+        if err.errno in ABSENT:
+            return False
+        raise

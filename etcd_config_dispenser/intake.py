@@ -1,0 +1,77 @@
+"""Key rules applied to what etcd says: the key tree the snapshots are made from.
+
+The second step of the flow (etcd events -> key rules -> snapshot -> signal):
+pure, no I/O, so it is tested on plain data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from .events import Batch, FullRead
+from .keys import InvalidKey, KeyTree, key_to_relpath, show
+
+log = logging.getLogger(__name__)
+
+
+class KeyIntake:
+    """Applies full reads and watch batches to a KeyTree under the key rules."""
+
+    def __init__(self, prefix: bytes, max_path: int) -> None:
+        self.prefix = prefix
+        self.max_path = max_path
+        self.tree = KeyTree()
+        self._invalid = 0  # keys refused by the key rules at the last full read
+
+    def _relpath(self, key: bytes, revision: int) -> str | None:
+        try:
+            return key_to_relpath(key, self.prefix, self.max_path)
+        except InvalidKey as err:
+            log.warning("r%d: skipping key %s: it %s", revision, show(key), err)
+            return None
+
+    def absorb(self, event: FullRead | Batch) -> set[str]:
+        """Apply an event to the key tree; return the file paths it changed."""
+        if isinstance(event, FullRead):
+            return self._resync(event.revision, event.kvs)
+        changed: set[str] = set()
+        for change in event.changes:
+            path = self._relpath(change.key, event.revision)
+            if path is None:
+                continue
+            if change.value is None:
+                changed |= self.tree.delete(path)
+            else:
+                changed |= self.tree.put(path, change.value)
+                shadow = self.tree.shadowing_key(path)
+                if shadow is not None:
+                    log.warning(
+                        "r%d: skipping key %s: %s is a file",
+                        event.revision,
+                        show(path),
+                        show(shadow),
+                    )
+        return changed
+
+    def _resync(self, revision: int, kvs: Iterable[tuple[bytes, bytes]]) -> set[str]:
+        """Replace the whole key tree with a full read; the paths that differ."""
+        tree = KeyTree()
+        invalid = 0
+        for key, value in kvs:
+            path = self._relpath(key, revision)
+            if path is None:
+                invalid += 1
+            else:
+                tree.put(path, value)
+        for path, shadow in tree.hidden():
+            log.warning("r%d: skipping key %s: %s is a file", revision, show(path), show(shadow))
+        old, new = self.tree.files, tree.files
+        self.tree = tree
+        self._invalid = invalid
+        return {p for p in old.keys() | new.keys() if old.get(p) != new.get(p)}
+
+    @property
+    def skipped(self) -> int:
+        """Keys not written now: refused by the key rules at the last full read, or shadowed."""
+        return self._invalid + len(self.tree.values) - len(self.tree.files)
