@@ -30,7 +30,9 @@ $(BIN)/python:
 venv: $(BIN)/python
 
 # A real (non-editable) install: the tests run the package as users get it.
+# build/ is removed first: setuptools would otherwise ship a module deleted from the tree.
 install: venv
+	rm -rf build
 	$(BIN)/python -m pip install -q '.[test,lint,metrics]'
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall .
 

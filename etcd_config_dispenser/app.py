@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 
 from . import health
 from .child import Supervisor, become_subreaper, block_signals
@@ -88,7 +89,8 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         # Start the child only once its files exist.
         stopped_by = supervisor.wait_for(publisher.first_sync, publisher.done)
         if stopped_by is not None:
-            log.info("stopped by signal %d before the first sync", stopped_by)
+            when = "" if publisher.first_sync.is_set() else " before the first sync"
+            log.info("stopped by %s%s", signal.Signals(stopped_by).name, when)
             return 0
         if not publisher.first_sync.is_set():
             return 1  # --once could not read etcd or write the target: logged there

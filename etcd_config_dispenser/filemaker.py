@@ -11,7 +11,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from .fsops import Tree, lstat_at, open_dir
 from .layout import POOL_DIR
@@ -116,6 +116,14 @@ class FileMaker:
         parent, _ = tree.parent(rel, self.mkdir)
         os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
         return True
+
+    def copy(self, target_fd: int, source: str, name: str, paths: Iterable[str]) -> None:
+        """A new directory ``name`` holding ``paths`` of ``source`` as hard links:
+        no file contents copied."""
+        self.mkdir(target_fd, name)
+        with Tree(open_dir(name, target_fd)) as tree, Tree(open_dir(source, target_fd)) as src:
+            for rel in paths:
+                self.link(src, tree, rel)
 
     def fill_pool(self, target_fd: int) -> None:
         with contextlib.suppress(FileExistsError):

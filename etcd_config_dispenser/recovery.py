@@ -8,11 +8,12 @@ anything is removed, so a refused start leaves the target as it was.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
 
-from .fsops import NOT_A_DIR, lstat_at, open_dir, walk
+from .fsops import NOT_A_DIR, lstat_at, open_dir, remove_at, walk
 from .layout import (
     DATA_LINK,
     POOL_DIR,
@@ -23,6 +24,12 @@ from .layout import (
     is_snapshot_name,
     top_link_text,
 )
+
+log = logging.getLogger(__name__)
+
+
+class TargetRefused(OSError):
+    """The target holds entries this tool did not make: it is not used, nothing is removed."""
 
 
 @dataclass
@@ -146,3 +153,21 @@ def inspect(target_fd: int) -> Inventory:
         else:
             inventory.problems.append(f"{name!r} is {_kind(st)}, not what this tool makes there")
     return inventory
+
+
+def clean(target_fd: int, where: str) -> Inventory:
+    """Remove what an earlier run left (only if every entry is ours); the inventory.
+
+    Raises TargetRefused, naming the entries, before anything is removed.
+    """
+    found = inspect(target_fd)
+    if found.problems:
+        raise TargetRefused(
+            f"target {where} holds entries not written by etcd-config-dispenser: "
+            f"{'; '.join(found.problems[:5])}; move them away or choose an empty directory"
+        )
+    for name in found.debris:  # a pool is always left: no sign of a crash
+        level = logging.DEBUG if name == POOL_DIR else logging.INFO
+        log.log(level, "recover: removing %r, left by an earlier run", name)
+        remove_at(target_fd, name)
+    return found

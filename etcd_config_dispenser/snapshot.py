@@ -37,9 +37,10 @@ from pathlib import Path
 from . import recovery
 from .filemaker import FileMaker, has_file
 from .fsops import Tree, files_in, open_dir, remove_at, syncfs
+from .housekeeping import Housekeeper, discard
 from .keys import MAX_PATH
 from .layout import DATA_LINK, POOL_DIR, SNAPSHOT_NAME_MAX, TMP_LINK, snapshot_name
-from .ledger import Ledger, Snap
+from .ledger import Ledger
 from .links import TopLinks
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,6 @@ GRACE = 0.25  # seconds a retired snapshot stays untouched for readers still in 
 
 class SnapshotError(OSError):
     """A snapshot could not be made live. The previous one is still served."""
-
-
-class TargetRefused(SnapshotError):
-    """The target holds entries this tool did not make: it is not used, nothing is removed."""
 
 
 @dataclass
@@ -96,7 +93,7 @@ class SnapshotWriter:
         """Open the target, clean up after a crash, adopt the live snapshot; its name.
 
         Only entries that are provably ours are removed (see ``recovery``);
-        if anything else is there, TargetRefused names it and nothing at all
+        if anything else is there, recovery.TargetRefused names it and nothing at all
         is removed. The live snapshot keeps being served until the first
         publish replaces it.
         """
@@ -104,20 +101,9 @@ class SnapshotWriter:
         with contextlib.suppress(FileExistsError):
             self._maker.mkdir(None, str(self.target))
         self._fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        found = recovery.inspect(self._fd)
-        if found.problems:
-            raise TargetRefused(
-                f"target {self.target} holds entries not written by etcd-config-dispenser: "
-                f"{'; '.join(found.problems[:5])}; move them away or choose an empty directory"
-            )
-        for name in found.debris:
-            log.log(
-                logging.DEBUG if name == POOL_DIR else logging.INFO,
-                "recover: removing %r, left by an earlier run",
-                name,
-            )
-            remove_at(self._fd, name)
+        found = recovery.clean(self._fd, str(self.target))
         self._links.adopt(found.links, found.live_files)
+        self._housekeeper = Housekeeper(self._fd, self.ledger, self._maker, self._links, self.clock)
         self.ledger.adopted = found.live
         return found.live
 
@@ -176,12 +162,13 @@ class SnapshotWriter:
             elif first:
                 self._maker.mkdir(self._fd, name)
             else:
-                self._copy_live(name)
+                assert self.serving is not None
+                self._maker.copy(self._fd, self.serving, name, self._links.live_paths)
             fresh = spare is None
             result = self._fill(name, files, delta, changed, first, fresh)  # (3), (4)
             self._flip(name)  # (5)
         except OSError as err:
-            self._discard(name)
+            discard(self._fd, TMP_LINK, name)
             if spare is not None and not renamed:  # its content is unknown: never reuse it
                 ledger.doomed[spare[0].name] = now
             ledger.failed(delta if first else changed)  # owed: the next publish tries again
@@ -230,28 +217,11 @@ class SnapshotWriter:
                 source.close()
         return result
 
-    def _copy_live(self, name: str) -> None:
-        """Hard-link every live file into a new directory: no file contents copied."""
-        self._maker.mkdir(self._fd, name)
-        live = self.serving
-        assert live is not None
-        with Tree(open_dir(name, self._fd)) as tree, Tree(open_dir(live, self._fd)) as source:
-            for rel in self._links.live_paths:
-                self._maker.link(source, tree, rel)
-
     def _flip(self, name: str) -> None:
         """Point ``..data`` at ``name`` in one rename: the atomic moment."""
         remove_at(self._fd, TMP_LINK)
         os.symlink(name, TMP_LINK, dir_fd=self._fd)
         os.rename(TMP_LINK, DATA_LINK, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-
-    def _discard(self, name: str) -> None:
-        """Undo a publish that failed before its flip."""
-        for leftover in (TMP_LINK, name):
-            try:
-                remove_at(self._fd, leftover)
-            except OSError as err:
-                log.warning("could not remove %r: %s", leftover, err)
 
     def _update_links(self, present: Mapping[str, bool], reset: bool, when: str) -> None:
         self._links.update(self._fd, present, reset, when)
@@ -306,67 +276,8 @@ class SnapshotWriter:
             log.warning("could not make the snapshot durable: %s", err)
 
     def maintain(self) -> float | None:
-        """Housekeeping that is due: old snapshots deleted, spares brought up to date,
-        the pool filled, a spare prepared. Returns when more will be due (monotonic).
-
-        Errors are logged and the rest still runs; it is tried again next time.
-        """
-        due = self.ledger.housekeeping(self.clock())
-        for name in due.delete:
-            try:
-                remove_at(self._fd, name)
-            except OSError as err:
-                log.warning("could not remove old snapshot %r: %s", name, err)
-        try:
-            for spare, paths in due.catch_up:
-                self._catch_up(spare, paths)
-            self._maker.fill_pool(self._fd)
-            live = self.ledger.live
-            if live is not None and not self.ledger.spares:
-                self._prepare_spare(live)
-        except OSError as err:
-            log.warning("could not prepare for the next change: %s", err)
-        self.ledger.trim()
-        return due.next_due
-
-    def _catch_up(self, spare: Snap, paths: set[str]) -> None:
-        """Bring a spare past its grace period to the live content: it then holds no value
-        that is no longer live, and the next change costs only its own paths."""
-        live = self.ledger.live
-        assert live is not None
-        try:
-            with (
-                Tree(open_dir(spare.name, self._fd)) as tree,
-                Tree(open_dir(live.name, self._fd)) as src,
-            ):
-                for rel in paths:
-                    if tree.unlink(rel):
-                        tree.prune(rel.rpartition("/")[0])
-                for rel in paths:
-                    self._maker.link(src, tree, rel)
-                for fd in tree.opened():
-                    os.fsync(fd)
-        except OSError:
-            self.ledger.spares.remove(spare)
-            self.ledger.doomed[spare.name] = self.clock()
-            raise
-        self.ledger.caught_up(spare)
-
-    def _prepare_spare(self, live: Snap) -> None:
-        """A hard-linked copy of the live snapshot, so the next change finds a spare.
-
-        Without one, the first change after start-up would pay for the copy
-        before its signal; here it is paid after. No reader ever saw it, so
-        it has no grace period.
-        """
-        name = snapshot_name(live.revision)
-        try:
-            self._copy_live(name)
-            syncfs(self._fd)
-        except OSError:
-            self._discard(name)
-            raise
-        self.ledger.add_spare(Snap(name, live.seq, live.revision))
+        """Housekeeping that is due (see ``housekeeping``); when more will be due."""
+        return self._housekeeper.run()
 
     @property
     def kept_dirs(self) -> list[str]:

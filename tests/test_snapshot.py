@@ -14,6 +14,7 @@ from helpers import dir_files, read_tree, snapshot_dirs
 from etcd_config_dispenser.filemaker import dir_mode
 from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.layout import DATA_LINK, TMP_LINK
+from etcd_config_dispenser.recovery import TargetRefused
 from etcd_config_dispenser.snapshot import SnapshotError, SnapshotWriter
 
 
@@ -232,7 +233,7 @@ def test_recover_refuses_a_target_with_foreign_files(tmp_path: Path) -> None:
     target = tmp_path / "config"
     target.mkdir()
     (target / "nginx.conf").write_text("mine")
-    with pytest.raises(SnapshotError, match=r"nginx\.conf"):
+    with pytest.raises(TargetRefused, match=r"nginx\.conf"):
         SnapshotWriter(target).recover()
     assert (target / "nginx.conf").read_text() == "mine"
 
@@ -381,7 +382,7 @@ def test_recover_refuses_before_removing_anything(tmp_path: Path) -> None:
     backup = target / "..user-backup"
     backup.mkdir()
     (backup / "f").write_text("mine")
-    with pytest.raises(SnapshotError, match=r"\.\.user-backup"):
+    with pytest.raises(TargetRefused, match=r"\.\.user-backup"):
         SnapshotWriter(target).recover()
     assert (backup / "f").read_text() == "mine"
     assert leftover.is_dir()  # not even our own debris is touched before refusing

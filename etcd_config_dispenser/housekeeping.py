@@ -1,0 +1,111 @@
+"""Housekeeping of the target, after the signal and off the critical path.
+
+Deletes the snapshot directories no reader can still be in, brings spares
+past their grace period up to the live content (so no directory keeps a value
+that etcd no longer has), fills the pool of empty files and prepares a spare
+for the next change. What is due is decided by the ``ledger``; this does it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from .filemaker import FileMaker
+from .fsops import Tree, open_dir, remove_at, syncfs
+from .layout import snapshot_name
+from .ledger import Ledger, Snap
+from .links import TopLinks
+
+log = logging.getLogger(__name__)
+
+
+def discard(target_fd: int, *names: str) -> None:
+    """Remove entries of ours that failed half-way; a failure is logged, not raised."""
+    for name in names:
+        try:
+            remove_at(target_fd, name)
+        except OSError as err:
+            log.warning("could not remove %r: %s", name, err)
+
+
+class Housekeeper:
+    """Does the housekeeping the ledger says is due, in one target directory."""
+
+    def __init__(
+        self,
+        target_fd: int,
+        ledger: Ledger,
+        maker: FileMaker,
+        links: TopLinks,
+        clock: Callable[[], float],
+    ) -> None:
+        self._fd = target_fd
+        self.ledger = ledger
+        self._maker = maker
+        self._links = links
+        self.clock = clock
+
+    def run(self) -> float | None:
+        """Housekeeping that is due: old snapshots deleted, spares brought up to date,
+        the pool filled, a spare prepared. Returns when more will be due (monotonic).
+
+        Errors are logged and the rest still runs; it is tried again next time.
+        """
+        due = self.ledger.housekeeping(self.clock())
+        for name in due.delete:
+            try:
+                remove_at(self._fd, name)
+            except OSError as err:
+                log.warning("could not remove old snapshot %r: %s", name, err)
+        try:
+            for spare, paths in due.catch_up:
+                self._catch_up(spare, paths)
+            self._maker.fill_pool(self._fd)
+            live = self.ledger.live
+            if live is not None and not self.ledger.spares:
+                self._prepare_spare(live)
+        except OSError as err:
+            log.warning("could not prepare for the next change: %s", err)
+        self.ledger.trim()
+        return due.next_due
+
+    def _catch_up(self, spare: Snap, paths: set[str]) -> None:
+        """Bring a spare past its grace period to the live content: it then holds no value
+        that is no longer live, and the next change costs only its own paths."""
+        live = self.ledger.live
+        assert live is not None
+        try:
+            with (
+                Tree(open_dir(spare.name, self._fd)) as tree,
+                Tree(open_dir(live.name, self._fd)) as src,
+            ):
+                for rel in paths:
+                    if tree.unlink(rel):
+                        tree.prune(rel.rpartition("/")[0])
+                for rel in paths:
+                    self._maker.link(src, tree, rel)
+                for fd in tree.opened():
+                    os.fsync(fd)
+        except OSError:
+            self.ledger.spares.remove(spare)
+            self.ledger.doomed[spare.name] = self.clock()
+            raise
+        self.ledger.caught_up(spare)
+
+    def _prepare_spare(self, live: Snap) -> None:
+        """A hard-linked copy of the live snapshot, so the next change finds a spare.
+
+        Without one, the first change after start-up would pay for the copy
+        before its signal; here it is paid after. No reader ever saw it, so
+        it has no grace period.
+        """
+        name = snapshot_name(live.revision)
+        try:
+            self._maker.copy(self._fd, live.name, name, self._links.live_paths)
+            syncfs(self._fd)
+        except OSError:
+            discard(self._fd, name)
+            raise
+        self.ledger.add_spare(Snap(name, live.seq, live.revision))
