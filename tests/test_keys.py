@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from etcd_config_dispenser.keys import (
+    MAX_DEPTH,
     MAX_NAME,
     MAX_PATH,
     InvalidKey,
@@ -30,6 +31,7 @@ VALID = [
     ("utf-8", "/certs/zertifikat-ä.pem".encode(), "zertifikat-ä.pem"),
     ("longest segment", b"/certs/" + b"a" * MAX_NAME, "a" * MAX_NAME),
     ("spaces", b"/certs/my cert.pem", "my cert.pem"),
+    ("deepest", b"/certs/" + b"d/" * (MAX_DEPTH - 1) + b"f", "d/" * (MAX_DEPTH - 1) + "f"),
 ]
 
 INVALID = [
@@ -47,6 +49,8 @@ INVALID = [
     ("long segment", b"/certs/" + b"a" * (MAX_NAME + 1), "longer than 255"),
     ("long path", b"/certs/" + b"a/" * (MAX_PATH // 2) + b"a", "longer than 4096"),
     ("other prefix", b"/other/a", "not under the prefix"),
+    ("too deep", b"/certs/" + b"d/" * MAX_DEPTH + b"f", "directories deep"),
+    ("1,000 segments within PATH_MAX", b"/certs/" + b"a/" * 999 + b"a", "directories deep"),
 ]
 
 

@@ -386,3 +386,75 @@ def test_recover_refuses_before_removing_anything(tmp_path: Path) -> None:
         SnapshotWriter(target).recover()
     assert (backup / "f").read_text() == "mine"
     assert leftover.is_dir()  # not even our own debris is touched before refusing
+
+
+@pytest.mark.parametrize("code", [errno.ENAMETOOLONG, errno.EEXIST, errno.EINVAL, errno.EACCES])
+def test_a_key_that_cannot_be_written_is_skipped_and_the_rest_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """A name this filesystem refuses stops only its own key; it is tried again next time."""
+    target = tmp_path / "config"
+    writer = make_writer(target, grace=0.0)
+    tree = KeyTree()
+    publish(writer, tree, 1, a=b"1")
+    real_write = writer._maker.write
+
+    def refuse_one(tree_: object, rel: str, value: bytes, pool: int | None) -> int:
+        if rel == "sub/bad":
+            raise OSError(code, os.strerror(code))
+        return real_write(tree_, rel, value, pool)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer._maker, "write", refuse_one)
+    changed = tree.put("sub/bad", b"x") | tree.put("good", b"2") | tree.put("a", b"2")
+    result = writer.publish(tree.files, changed, 2)
+    assert result is not None and set(result.failed) == {"sub/bad"}
+    assert read_tree(target) == {"a": b"2", "good": b"2"}
+    monkeypatch.undo()  # the filesystem takes it now: the next change brings it along
+    finish(writer)
+    assert writer.publish(tree.files, tree.put("other", b"3"), 3)
+    assert read_tree(target) == {"a": b"2", "good": b"2", "sub/bad": b"x", "other": b"3"}
+
+
+def test_a_target_that_takes_nothing_fails_the_publish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EACCES on every file is the target's problem, not one key's: nothing goes live."""
+    target = tmp_path / "config"
+    writer = make_writer(target)
+    tree = KeyTree()
+    publish(writer, tree, 1, a=b"1")
+    live = os.readlink(target / DATA_LINK)
+    real_open = os.open
+
+    def no_access(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_CREAT or flags & os.O_WRONLY:
+            raise OSError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_access)
+    with pytest.raises(SnapshotError, match="Permission denied"):
+        writer.publish(tree.files, tree.put("b", b"2"), 2)
+    monkeypatch.undo()
+    assert os.readlink(target / DATA_LINK) == live
+    assert read_tree(target) == {"a": b"1"}
+    assert writer.publish(tree.files, set(), 3)  # owed by the writer: nothing to resend
+    assert read_tree(target) == {"a": b"1", "b": b"2"}
+
+
+def test_a_deep_key_publishes_and_goes_without_recursion(tmp_path: Path) -> None:
+    """The deepest key the rules allow is written, removed, and its snapshot deleted."""
+    from etcd_config_dispenser.keys import MAX_DEPTH
+
+    target = tmp_path / "config"
+    clock = Clock()
+    writer = make_writer(target, clock=clock, grace=1.0)
+    tree = KeyTree()
+    deep = "/".join(["d"] * (MAX_DEPTH - 1) + ["f"])
+    publish(writer, tree, 1, **{deep.replace("/", "__"): b"deep"})
+    assert read_tree(target) == {deep: b"deep"}
+    publish(writer, tree, 2, **{deep.replace("/", "__"): None, "x": b"1"})
+    for _ in range(4):
+        clock.now += 2
+        publish(writer, tree, 3, x=b"2")
+    assert read_tree(target) == {"x": b"2"}
+    assert_only_kept(target, writer)

@@ -1,0 +1,153 @@
+"""Invariants a one-line slip would break silently: each test here failed against such a slip.
+
+Durability before the flip, the default grace period, the watch starting
+after the read, the repair of top-level links after a failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import EtcdServer, dir_files, read_tree
+
+from etcd_config_dispenser import snapshot
+from etcd_config_dispenser.events import Batch, FullRead
+from etcd_config_dispenser.keys import KeyTree
+from etcd_config_dispenser.layout import DATA_LINK, TMP_LINK
+from etcd_config_dispenser.links import TopLinks
+from etcd_config_dispenser.snapshot import SnapshotWriter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_new_files_and_their_directory_are_synced_before_the_flip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Power loss right after the flip must find the new files on disk."""
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target)
+    writer.recover()
+    tree = KeyTree()
+    tree.put("cert", b"1")
+    tree.put("sub/key", b"1")
+    writer.publish(tree.files, set(tree.files), 1)
+    writer.settle()
+    writer.maintain()
+    events: list[tuple[str, int]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def rename(src: str, dst: str, **kwargs: object) -> None:
+        events.append((f"rename {src} {dst}", 0))
+        real_rename(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    changed = tree.put("cert", b"2") | tree.put("sub/key", b"2")
+    assert writer.publish(tree.files, changed, 2)
+    monkeypatch.undo()
+    flip = events.index((f"rename {TMP_LINK} {DATA_LINK}", 0))
+    synced = {ino for kind, ino in events[:flip] if kind == "fsync"}
+    live = target / DATA_LINK
+    for path in (live / "cert", live / "sub" / "key", live / "sub", live):
+        assert os.stat(path).st_ino in synced, path
+
+
+def test_a_retired_snapshot_is_left_alone_for_the_default_grace_period(tmp_path: Path) -> None:
+    """A reader that resolved ..data just before a flip still reads one whole revision."""
+    assert snapshot.GRACE >= 0.1
+    clock = Clock()
+    writer = SnapshotWriter(tmp_path / "config", clock=clock)  # the default grace
+    writer.recover()
+    tree = KeyTree()
+    writer.publish(tree.files, tree.put("cert", b"1") | tree.put("key", b"1"), 1)
+    writer.settle()
+    writer.maintain()
+    old = tmp_path / "config" / os.readlink(tmp_path / "config" / DATA_LINK)
+    writer.publish(tree.files, tree.put("cert", b"2") | tree.put("key", b"2"), 2)
+    writer.settle()
+    clock.now += snapshot.GRACE * 0.9
+    writer.maintain()
+    assert dir_files(old) == {"cert": b"1", "key": b"1"}  # untouched within the grace
+    clock.now += snapshot.GRACE * 0.2
+    writer.maintain()
+    assert not old.exists() or dir_files(old) == {"cert": b"2", "key": b"2"}  # then not stale
+
+
+def test_the_watch_starts_right_after_the_revision_read(etcd_server: EtcdServer) -> None:
+    """Watching from the read revision itself would deliver its last change twice."""
+    from etcd_config_dispenser.config import load
+    from etcd_config_dispenser.health import Stats
+    from etcd_config_dispenser.session import EtcdSession
+    from etcd_config_dispenser.source import EtcdSource
+
+    prefix = "/invariants/watch/"
+    client = etcd_server.client()
+    try:
+        client.put(prefix + "before", b"1")
+        inbox: queue.Queue[object] = queue.Queue()
+        source = EtcdSource(load({"ETCD_ENDPOINTS": etcd_server.endpoint}), prefix.encode())
+        session = EtcdSession(source, inbox, Stats())  # type: ignore[arg-type]
+        thread = threading.Thread(target=session.run, daemon=True)
+        thread.start()
+        try:
+            first = inbox.get(timeout=10)
+            assert isinstance(first, FullRead)
+            client.put(prefix + "after", b"2")
+            batch = inbox.get(timeout=10)
+        finally:
+            session.stop()
+            thread.join(10)
+    finally:
+        client.close()
+    assert isinstance(batch, Batch)
+    assert batch.revision == first.revision + 1
+    assert [c.key for c in batch.changes] == [(prefix + "after").encode()]
+
+
+def test_a_failed_link_is_repaired_by_the_next_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot is live even when a top-level link could not be made: the next change
+    mends every link, not only its own."""
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target, grace=0.0)
+    writer.recover()
+    tree = KeyTree()
+    writer.publish(tree.files, tree.put("a", b"1"), 1)
+    writer.settle()
+    real_symlink = os.symlink
+
+    def failing(src: str, dst: str, **kwargs: object) -> None:
+        if dst == "b":
+            raise OSError(errno.EIO, "I/O error")
+        real_symlink(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "symlink", failing)
+    writer.publish(tree.files, tree.put("b", b"1"), 2)
+    monkeypatch.undo()
+    assert read_tree(target) == {"a": b"1"}  # b is live, but not reachable yet
+    writer.publish(tree.files, tree.put("c", b"1"), 3)
+    assert read_tree(target) == {"a": b"1", "b": b"1", "c": b"1"}
+
+
+def test_links_track_presence_not_arrival_order() -> None:
+    """TopLinks counts files per top-level name: a name stays while any file under it does."""
+    links = TopLinks()
+    links._track({"d/x": True, "d/y": True}, reset=True)
+    assert links._track({"d/x": False}, reset=False) == {"d"}
+    assert links._counts["d"] == 1
