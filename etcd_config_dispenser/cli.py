@@ -49,9 +49,10 @@ them reaches CMD):
                          "https://h:2379" or "h:2379"; default
                          http://127.0.0.1:2379.
   ETCD_USERNAME          User name; no authentication if unset.
-  ETCD_PASSWORD          Password.
+  ETCD_PASSWORD          Password: give it as ETCD_PASSWORD_FILE, since
+                         the environment stays readable in /proc.
   ETCD_USERNAME_AND_PASSWORD
-                         "user:password" in one variable.
+                         "user:password" in one variable (as a _FILE too).
   ETCD_SERVER_CA         CA bundle to verify the server: PEM, or a file.
   ETCD_CLIENT_CERT       Client certificate for mutual TLS: PEM, or a file.
   ETCD_CLIENT_KEY        Client key for mutual TLS: PEM, or a file.
