@@ -8,6 +8,7 @@ import queue
 import signal
 
 from . import health
+from .checkcmd import run_check
 from .child import Supervisor, become_subreaper, block_signals
 from .config import EtcdConfig, child_environ
 from .events import Ended, Event
@@ -57,7 +58,8 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         except OSError as err:
             log.error("--health-addr: cannot listen on %s:%d: %s", *options.health_addr, err)
             return 2
-    supervisor = Supervisor(options.command, child_environ(os.environ), options.kill_timeout)
+    env = child_environ(os.environ)
+    supervisor = Supervisor(options.command, env, options.kill_timeout)
     inbox: queue.Queue[Event] = queue.Queue()
     session = EtcdSession(
         EtcdSource(etcd, options.prefix),
@@ -74,7 +76,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         stats=stats,
         once=options.once,
         wait=options.wait,
-        check=(lambda: supervisor.run_check(check)) if (check := options.check) else None,
+        check=(lambda: run_check(check, env, supervisor)) if (check := options.check) else None,
     )
     log.info(
         "syncing prefix %r from %s into %s",

@@ -8,15 +8,15 @@ threads that write snapshots.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
-import select
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,6 @@ PR_SET_CHILD_SUBREAPER = 36
 # config has no SIGHUP handler yet, and SIGHUP's default action is to exit.
 # A change signalled sooner than this after the start waits until then.
 START_SETTLE = 1.0
-CHECK_TIMEOUT = 30.0  # seconds a --check command may run before SIGKILL
-CHECK_OUTPUT_MAX = 4000  # bytes of its output kept for the log
 
 
 def block_signals() -> None:
@@ -91,7 +89,7 @@ class Supervisor:
         self.kill_timeout = kill_timeout
         self.pid: int | None = None
         self.started_at = 0.0
-        self._reserved: set[int] = set()  # --check processes: reaped by run_check
+        self._reserved: set[int] = set()  # processes started by own(): reaped by their starter
         self._lock = threading.Lock()  # guards pid and _reserved against a concurrent reap
 
     def spawn(self) -> int | None:
@@ -197,61 +195,22 @@ class Supervisor:
                 self.send(signal.SIGKILL)
                 deadline = None
 
-    def run_check(self, command: str, timeout: float = CHECK_TIMEOUT) -> tuple[int, str]:
-        """Run ``sh -c command`` to the end; its exit code and the tail of its output.
+    @contextlib.contextmanager
+    def own(self, start: Callable[[], int]) -> Iterator[int]:
+        """Start a process (``start`` returns its pid) that its starter waits for itself.
 
-        Called from the sync thread. The process is reserved so that ``reap``
-        leaves it to this method: the reaper would otherwise take its exit
-        status, and a failed check would look like a success. Only the last
-        CHECK_OUTPUT_MAX bytes of its output are ever held in memory.
+        ``reap`` leaves it alone until the block ends: it would otherwise take
+        its exit status (a failed --check would look like a success). The pid
+        is registered before any reap can see the process exit.
         """
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        redirect = [(os.POSIX_SPAWN_DUP2, write_end, 1), (os.POSIX_SPAWN_DUP2, write_end, 2)]
-        tail = bytearray()
+        with self._lock:
+            pid = start()
+            self._reserved.add(pid)
         try:
-            with self._lock:
-                try:
-                    pid = os.posix_spawn(
-                        "/bin/sh", ["sh", "-c", command], self.env, file_actions=redirect,
-                        setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-                    )  # fmt: skip
-                except OSError as err:  # a check that cannot run has not passed
-                    return 127, f"cannot run the check: {err}"
-                self._reserved.add(pid)
-            os.close(write_end)
-            write_end = -1
-            try:
-                status = self._wait_check(pid, read_end, tail, timeout)
-            finally:
-                with self._lock:
-                    self._reserved.discard(pid)
+            yield pid
         finally:
-            os.close(read_end)
-            if write_end != -1:
-                os.close(write_end)
-        return exit_code(status), tail.decode(errors="replace")
-
-    def _wait_check(self, pid: int, output: int, tail: bytearray, timeout: float) -> int:
-        """Keep the tail of the check's output until it exits; its wait status."""
-        deadline = time.monotonic() + timeout
-        status: int | None = None
-        while True:
-            ready, _, _ = select.select([output], [], [], 0.0 if status is not None else 0.01)
-            if ready:
-                chunk = os.read(output, 65536)
-                if chunk:
-                    tail += chunk
-                    del tail[:-CHECK_OUTPUT_MAX]
-                    continue
-            if status is not None:  # exited, and nothing more to read (or EOF)
-                return status
-            done, wait_status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                status = wait_status
-            elif time.monotonic() > deadline:
-                log.warning("check still running after %.0fs: SIGKILL", timeout)
-                os.kill(pid, signal.SIGKILL)
-                deadline = float("inf")
+            with self._lock:
+                self._reserved.discard(pid)
 
     def reap(self) -> int | None:
         """Reap every exited process, orphans too (as PID 1); the child's code if it exited."""

@@ -22,14 +22,20 @@ class KeyIntake:
         self.prefix = prefix
         self.max_path = max_path
         self.tree = KeyTree()
-        self._invalid = 0  # keys refused by the key rules at the last full read
+        self._invalid: set[bytes] = set()  # keys in etcd now that the key rules refuse
 
-    def _relpath(self, key: bytes, revision: int) -> str | None:
+    def _relpath(self, key: bytes, revision: int, deleted: bool = False) -> str | None:
+        """The key's path, or None (and, unless it was deleted, a warning) if refused."""
         try:
-            return key_to_relpath(key, self.prefix, self.max_path)
+            path = key_to_relpath(key, self.prefix, self.max_path)
         except InvalidKey as err:
-            log.warning("r%d: skipping key %s: it %s", revision, show(key), err)
+            if deleted:
+                self._invalid.discard(key)
+            else:
+                self._invalid.add(key)
+                log.warning("r%d: skipping key %s: it %s", revision, show(key), err)
             return None
+        return path
 
     def absorb(self, event: FullRead | Batch) -> set[str]:
         """Apply an event to the key tree; return the file paths it changed."""
@@ -37,7 +43,7 @@ class KeyIntake:
             return self._resync(event.revision, event.kvs)
         changed: set[str] = set()
         for change in event.changes:
-            path = self._relpath(change.key, event.revision)
+            path = self._relpath(change.key, event.revision, deleted=change.value is None)
             if path is None:
                 continue
             if change.value is None:
@@ -57,21 +63,18 @@ class KeyIntake:
     def _resync(self, revision: int, kvs: Iterable[tuple[bytes, bytes]]) -> set[str]:
         """Replace the whole key tree with a full read; the paths that differ."""
         tree = KeyTree()
-        invalid = 0
+        self._invalid = set()
         for key, value in kvs:
             path = self._relpath(key, revision)
-            if path is None:
-                invalid += 1
-            else:
+            if path is not None:
                 tree.put(path, value)
         for path, shadow in tree.hidden():
             log.warning("r%d: skipping key %s: %s is a file", revision, show(path), show(shadow))
         old, new = self.tree.files, tree.files
         self.tree = tree
-        self._invalid = invalid
         return {p for p in old.keys() | new.keys() if old.get(p) != new.get(p)}
 
     @property
     def skipped(self) -> int:
-        """Keys not written now: refused by the key rules at the last full read, or shadowed."""
-        return self._invalid + len(self.tree.values) - len(self.tree.files)
+        """Keys not written now: refused by the key rules, or shadowed by a file."""
+        return len(self._invalid) + len(self.tree.values) - len(self.tree.files)

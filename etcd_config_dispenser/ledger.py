@@ -141,9 +141,14 @@ class Ledger:
                 ready_now = self._past_grace(spare, now) and spare is not protected
                 if ready_now and spare.seq != self.live.seq:
                     due.catch_up.append((spare, self._since(spare.seq)))
-        waits = [s.retired_at + self.grace for s in self.spares if s.retired_at is not None]
-        waits += list(self.doomed.values())
-        due.next_due = min((w for w in waits if w > now), default=None)
+        # Whatever waits for its time, with the same test as above (no float gap at the edge).
+        waits = [
+            s.retired_at + self.grace
+            for s in self.spares
+            if s.retired_at is not None and not self._past_grace(s, now)
+        ]
+        waits += [when for when in self.doomed.values() if when > now]
+        due.next_due = max(min(waits), now + 1e-3) if waits else None
         return due
 
     def caught_up(self, spare: Snap) -> None:

@@ -65,6 +65,7 @@ class Publisher:
         self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
         self.clock = clock
         self.keys = KeyIntake(prefix, writer.max_key_path)
+        self._rejected: tuple[int, str] | None = None  # --check failed, not yet put back
         self.first_sync = threading.Event()  # a snapshot is live: the child may start
         self.done = threading.Event()  # the thread has ended
         self.first_rejected = False  # --check refused the first snapshot (--once exits 1)
@@ -161,6 +162,9 @@ class Publisher:
     def _publish(self, revision: int, changed: set[str]) -> None:
         """Make the tree live; --check it; signal the child. Raises SnapshotError."""
         first = not self.first_sync.is_set()
+        if self._rejected is not None:  # a rejected change is still live: put it back first
+            self._reject(*self._rejected, first)
+            return
         result = self.writer.publish(self.keys.tree.files, changed, revision)
         if result is None:
             log.debug("r%d: no file changed", revision)
@@ -170,12 +174,14 @@ class Publisher:
             log.warning("r%d: skipping key %s: cannot write it: %s", revision, show(path), why)
         # --check, whenever there is a snapshot to go back to: after every change,
         # and at start-up over a snapshot a previous process left.
-        if self.check is not None and self.writer.can_roll_back and not self._checked(revision):
-            if first:  # the child starts, with the snapshot that was put back
-                self.first_rejected = True
-                self.first_sync.set()
-            self.writer.settle()
-            return
+        if self.check is not None and self.writer.can_roll_back:
+            code, output = self.check()
+            if code != 0:
+                self.stats.check_failures += 1
+                tail = " | ".join(output.strip().splitlines()[-5:]) or "no output"
+                self._rejected = (revision, f"exit code {code}: {tail}")
+                self._reject(*self._rejected, first)
+                return
         self.stats.served(revision, result.name, len(self.keys.tree.files) - len(result.failed))
         if first:
             log.info("r%d: first snapshot live, %d files", revision, len(self.keys.tree.files))
@@ -192,23 +198,17 @@ class Publisher:
             )
         self.writer.settle()
 
-    def _checked(self, revision: int) -> bool:
-        """--check on the snapshot just made live; on failure put the previous one back."""
-        assert self.check is not None
-        code, output = self.check()
-        if code == 0:
-            return True
-        tail = " | ".join(output.strip().splitlines()[-5:]) or "no output"
+    def _reject(self, revision: int, why: str, first: bool) -> None:
+        """--check failed: put the previous snapshot back, no signal; the writer owes the
+        rejected paths to the next change. If even that fails (SnapshotError), the next
+        try puts it back before anything else: a rejected change never stays live."""
         previous = self.writer.rollback()
-        self.stats.check_failures += 1
-        log.error(
-            "r%d: check failed with exit code %d, %r is live again, no signal: %s",
-            revision,
-            code,
-            previous,
-            tail,
-        )
-        return False
+        self._rejected = None
+        log.error("r%d: check failed with %s; %r is live again, no signal", revision, why, previous)
+        if first:  # the child starts, with the snapshot that was put back
+            self.first_rejected = True
+            self.first_sync.set()
+        self.writer.settle()
 
 
 def _names(paths: list[str], most: int = 10) -> str:

@@ -154,7 +154,7 @@ class EtcdSession:
         """While the watch runs: cut it if etcd stops answering a cheap read."""
         while not done.wait(self.liveness_interval):
             try:
-                self.source.check(LIVENESS_TIMEOUT)
+                self.source.probe(LIVENESS_TIMEOUT)
                 self.stats.etcd_answered()
             except EtcdUnavailable as err:
                 if not done.is_set():

@@ -204,7 +204,7 @@ class EtcdSource:
                 return revision, items
             start = response.kvs[-1].key + b"\0"
 
-    def check(self, timeout: float) -> int:
+    def probe(self, timeout: float) -> int:
         """A cheap read that proves the connection and the token still work; the revision.
 
         Safe to call from another thread while ``watch`` runs (gRPC channels

@@ -35,6 +35,7 @@ LAYERS = [
     "source",  # etcd client
     "session",  # etcd side: read, watch, retry
     "child",  # the child: spawn, signal, reap
+    "checkcmd",  # --check, started through the child supervisor
     "publisher",  # file side: intake -> snapshot -> signal
     "app",
     "cli",

@@ -192,16 +192,18 @@ def test_check_exit_status_is_never_taken_by_the_reaper() -> None:
     """The main thread reaps everything as PID 1 would, while checks run and fail."""
     script = """
 import signal, sys, threading
+from etcd_config_dispenser.checkcmd import run_check
 from etcd_config_dispenser.child import Supervisor, block_signals
 block_signals()
+env = {"PATH": "/usr/bin:/bin"}
 busy = "while :; do (exit 3) & sleep 0.001; done"  # orphans and zombies all the time
 supervisor = Supervisor(["sh", "-c", busy], {"PATH": "/usr/bin:/bin"})
 supervisor.spawn()
 done = threading.Event()
 reaper = threading.Thread(target=supervisor.supervise, args=(done,), daemon=True)
 reaper.start()
-codes = [supervisor.run_check("echo checking; exit 7")[0] for _ in range(40)]
-code, output = supervisor.run_check("echo out; echo err >&2; exit 0")
+codes = [run_check("echo checking; exit 7", env, supervisor)[0] for _ in range(40)]
+code, output = run_check("echo out; echo err >&2; exit 0", env, supervisor)
 print(sorted(set(codes)), code, output.split())
 supervisor.send(signal.SIGKILL)
 """

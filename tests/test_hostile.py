@@ -29,7 +29,7 @@ from helpers import (
     wait_tree,
 )
 
-from etcd_config_dispenser import child, snapshot
+from etcd_config_dispenser import checkcmd, snapshot
 from etcd_config_dispenser.layout import is_snapshot_name
 
 Start = Callable[..., DispenserProcess]
@@ -271,8 +271,9 @@ def test_a_password_in_the_environment_is_warned_about_and_a_file_is_not(
 
 RUN_CHECK = """
 import json, os, resource, sys
-from etcd_config_dispenser import child
-code, out = child.Supervisor([], {"PATH": os.environ["PATH"]}).run_check(sys.argv[1])
+from etcd_config_dispenser import checkcmd, child
+env = {"PATH": os.environ["PATH"]}
+code, out = checkcmd.run_check(sys.argv[1], env, child.Supervisor([], {}))
 rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"code": code, "out": out, "rss_kib": rss_kib}))
 """
@@ -287,7 +288,7 @@ def test_check_output_is_kept_as_a_bounded_tail() -> None:
     answer = json.loads(result.stdout)
     assert answer["code"] == 3
     out = answer["out"]
-    assert 0 < len(out.encode()) <= child.CHECK_OUTPUT_MAX
+    assert 0 < len(out.encode()) <= checkcmd.CHECK_OUTPUT_MAX
     assert out.rstrip("\n").endswith("END")
     assert set(out.rstrip("\n")[:-3]) == {"x"}  # the tail of the flood, nothing else
     assert answer["rss_kib"] < 100 * 1024, answer["rss_kib"]  # whole output: 300+ MB
