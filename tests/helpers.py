@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,31 @@ def txn_put(client: etcd3.Etcd3Client, prefix: str, items: Mapping[str, bytes]) 
     """Put several keys in one etcd transaction: one revision, one snapshot."""
     ops = [client.transactions.put(prefix + name, value) for name, value in items.items()]
     client.transaction(compare=[], success=ops, failure=[])
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of a GET on the health server; (0, why) if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError as err:
+        return 0, str(err)
+
+
+def metric(text: str, name: str) -> float:
+    """One sample of the dispenser's /metrics text, by the name after the prefix."""
+    for line in text.splitlines():
+        if line.startswith(f"etcd_config_dispenser_{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name} in:\n{text}")
+
+
+def metrics(port: int) -> str:
+    status, text = http_get(port, "/metrics")
+    assert status == 200, text
+    return text
 
 
 def free_port() -> int:

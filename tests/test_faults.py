@@ -22,6 +22,10 @@ from helpers import (
     DispenserProcess,
     EtcdServer,
     busy_wait,
+    free_port,
+    http_get,
+    metric,
+    metrics,
     read_tree,
     start_cluster,
     txn_put,
@@ -34,8 +38,8 @@ pytestmark = pytest.mark.integration
 class Watched:
     """A dispenser with a recording child, and a sampler that checks the files all along."""
 
-    def __init__(self, proc: DispenserProcess, target: Path, record: Path) -> None:
-        self.proc, self.target, self.record = proc, target, record
+    def __init__(self, proc: DispenserProcess, target: Path, record: Path, port: int) -> None:
+        self.proc, self.target, self.record, self.port = proc, target, record, port
         self.allowed: list[dict[str, bytes]] = []
         self.bad: list[object] = []
         self._stop = threading.Event()
@@ -50,10 +54,18 @@ class Watched:
     def starts(self) -> int:
         return sum(1 for line in self.lines() if line.startswith("start"))
 
+    def metric(self, name: str) -> float:
+        return metric(metrics(self.port), name)
+
     def wait_resynced(self, timeout: float = 20) -> None:
-        """Until it connected again and its full read is applied (a new snapshot or none)."""
-        busy_wait(lambda: self.proc.log().count("connected to") >= 2, timeout=timeout)
-        time.sleep(0.5)  # the read's snapshot, if any, follows the connected line at once
+        """Until it connected again and its full read is applied (a new snapshot or none):
+        a reconnect counted, and /healthz ok again (served, etcd answering)."""
+
+        def resynced() -> bool:
+            status, _body = http_get(self.port, "/healthz")
+            return status == 200 and self.metric("reconnects_total") >= 1
+
+        busy_wait(resynced, timeout=timeout)
 
     def wait_tree(self, expected: dict[str, bytes], timeout: float = 20) -> None:
         wait_tree(self.target, expected, self.proc, timeout)
@@ -105,14 +117,21 @@ def watched(tmp_path: Path, target: Path) -> Iterator[Callable[..., Watched]]:
         script = tmp_path / "recorder.py"
         script.write_text(RECORDER)
         record = tmp_path / "record"
+        port = free_port()
         proc = DispenserProcess(
-            ["--prefix=/certs", f"--target={target}", "--backoff-max=1", *args],
+            [
+                "--prefix=/certs",
+                f"--target={target}",
+                "--backoff-max=1",
+                f"--health-addr=127.0.0.1:{port}",
+                *args,
+            ],
             {"ETCD_ENDPOINTS": endpoints, **(env or {})},
             tmp_path / f"dispenser-{len(procs)}.log",
             [sys.executable, str(script), str(record)],
         )
         procs.append(proc)
-        watched = Watched(proc, target, record)
+        watched = Watched(proc, target, record, port)
         busy_wait(lambda: watched.starts() == 1, timeout=20)
         return watched
 
@@ -172,7 +191,7 @@ def test_change_while_etcd_was_down_is_picked_up_with_one_signal(
         os.kill(w.proc.pid, signal.SIGCONT)
     w.wait_tree({"a": b"a", "c": b"c2"})
     w.stop_sampling()
-    assert w.proc.log().count("connected to") == 2  # one reconnect, one full read
+    assert w.metric("reconnects_total") == 1  # one reconnect, one full read
     busy_wait(lambda: w.signals() == 1)
     time.sleep(0.5)
     assert w.signals() == 1  # both revisions in one snapshot, one signal

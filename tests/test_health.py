@@ -4,34 +4,23 @@ from __future__ import annotations
 
 import json
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import DispenserProcess, EtcdServer, busy_wait, free_port, read_tree
+from helpers import (
+    DispenserProcess,
+    EtcdServer,
+    busy_wait,
+    free_port,
+    http_get,
+    metric,
+    read_tree,
+)
 
 pytestmark = pytest.mark.integration
 
 Start = Callable[..., DispenserProcess]
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except OSError as err:
-        return 0, str(err)
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(f"etcd_config_dispenser_{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name} in:\n{text}")
 
 
 def test_healthz_and_metrics_follow_the_sync(
@@ -41,11 +30,11 @@ def test_healthz_and_metrics_follow_the_sync(
     etcd.put(prefix + "../bad", b"x")  # type: ignore[attr-defined]
     port = free_port()
     proc = dispenser(f"--health-addr=127.0.0.1:{port}")
-    busy_wait(lambda: get(port, "/healthz")[0] == 200, timeout=20)
-    _status, body = get(port, "/healthz")
+    busy_wait(lambda: http_get(port, "/healthz")[0] == 200, timeout=20)
+    _status, body = http_get(port, "/healthz")
     revision = etcd.get_response(prefix + "a").header.revision  # type: ignore[attr-defined]
     assert body.strip() == f"ok: r{revision}"
-    status, text = get(port, "/metrics")
+    status, text = http_get(port, "/metrics")
     assert status == 200
     assert metric(text, "revision") == revision
     assert metric(text, "snapshots_total") == 1
@@ -54,12 +43,12 @@ def test_healthz_and_metrics_follow_the_sync(
     assert metric(text, "healthy") == 1
     assert metric(text, "last_sync_timestamp_seconds") > 1.7e9
     etcd.put(prefix + "a", b"2")  # type: ignore[attr-defined]
-    busy_wait(lambda: metric(get(port, "/metrics")[1], "snapshots_total") == 2)
-    text = get(port, "/metrics")[1]
+    busy_wait(lambda: metric(http_get(port, "/metrics")[1], "snapshots_total") == 2)
+    text = http_get(port, "/metrics")[1]
     assert metric(text, "revision") == revision + 1
     assert metric(text, "skipped_keys") == 1  # not counted again at each change
     assert metric(text, "signals_total") == 0  # no child: nothing was signalled
-    assert get(port, "/nope")[0] == 404
+    assert http_get(port, "/nope")[0] == 404
     assert proc.stop() == 0
 
 
@@ -74,15 +63,15 @@ def test_healthz_says_503_and_why_while_etcd_is_down(tmp_path: Path, target: Pat
     )  # fmt: skip
     try:
         server.client().put("/p/a", "1")
-        busy_wait(lambda: get(port, "/healthz")[0] == 200, timeout=20)
+        busy_wait(lambda: http_get(port, "/healthz")[0] == 200, timeout=20)
         server.stop()
-        busy_wait(lambda: get(port, "/healthz")[0] == 503, timeout=20)
-        _status, reason = get(port, "/healthz")
+        busy_wait(lambda: http_get(port, "/healthz")[0] == 503, timeout=20)
+        _status, reason = http_get(port, "/healthz")
         assert "etcd unavailable, serving r" in reason and "UNAVAILABLE" in reason
         assert read_tree(target) == {"a": b"1"}  # still served
         server.start()
-        busy_wait(lambda: get(port, "/healthz")[0] == 200, timeout=20)
-        assert metric(get(port, "/metrics")[1], "reconnects_total") >= 1
+        busy_wait(lambda: http_get(port, "/healthz")[0] == 200, timeout=20)
+        assert metric(http_get(port, "/metrics")[1], "reconnects_total") >= 1
     finally:
         proc.cleanup()
         server.cleanup()

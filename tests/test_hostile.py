@@ -11,8 +11,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +22,9 @@ from helpers import (
     EtcdServer,
     busy_wait,
     free_port,
+    http_get,
+    metric,
+    metrics,
     read_tree,
     txn_put,
     wait_tree,
@@ -33,30 +34,6 @@ from etcd_config_dispenser import checkcmd, snapshot
 from etcd_config_dispenser.layout import is_snapshot_name
 
 Start = Callable[..., DispenserProcess]
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    """(status, body) of a GET on the health server; (0, why) if it does not answer."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except OSError as err:
-        return 0, str(err)
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(f"etcd_config_dispenser_{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name} in:\n{text}")
-
-
-def metrics(port: int) -> str:
-    status, text = get(port, "/metrics")
-    assert status == 200, text
-    return text
 
 
 # -- 1. disk full -------------------------------------------------------------
@@ -91,15 +68,15 @@ def test_full_disk_is_a_target_error_and_heals_when_space_returns(
         try:
             etcd.put(prefix + "small", b"small-1")  # type: ignore[attr-defined]
             wait_tree(target, {"small": b"small-1"}, proc, timeout=20)
-            busy_wait(lambda: get(port, "/healthz")[0] == 200)
+            busy_wait(lambda: http_get(port, "/healthz")[0] == 200)
 
             # 3 x 400 KB in one transaction (under etcd's 1.5 MiB request limit): > 1 MiB.
             big = {f"big{i}": bytes([0x41 + i]) * 400_000 for i in range(3)}
             txn_put(etcd, prefix, big)  # type: ignore[arg-type]
-            busy_wait(lambda: get(port, "/healthz")[0] == 503, timeout=10)
+            busy_wait(lambda: http_get(port, "/healthz")[0] == 503, timeout=10)
             # A few retries later it is still the target's problem, not etcd's.
             busy_wait(lambda: metric(metrics(port), "write_failures_total") >= 3, timeout=10)
-            status, body = get(port, "/healthz")
+            status, body = http_get(port, "/healthz")
             assert status == 503 and "cannot write the target" in body, body
             text = metrics(port)
             assert metric(text, "reconnects_total") == 0, text
@@ -110,8 +87,8 @@ def test_full_disk_is_a_target_error_and_heals_when_space_returns(
             etcd.transaction(compare=[], success=ops, failure=[])  # type: ignore[attr-defined]
             etcd.put(prefix + "small", b"small-2")  # type: ignore[attr-defined]
             wait_tree(target, {"small": b"small-2"}, proc, timeout=25)
-            busy_wait(lambda: get(port, "/healthz")[0] == 200, timeout=10)
-            assert get(port, "/healthz")[1].startswith("ok: r")
+            busy_wait(lambda: http_get(port, "/healthz")[0] == 200, timeout=10)
+            assert http_get(port, "/healthz")[1].startswith("ok: r")
             etcd.put(prefix + "later", b"later")  # type: ignore[attr-defined]
             wait_tree(target, {"small": b"small-2", "later": b"later"}, proc)
             text = metrics(port)

@@ -16,6 +16,9 @@ from helpers import (
     DispenserProcess,
     busy_wait,
     dir_files,
+    free_port,
+    metric,
+    metrics,
     read_tree,
     snapshot_dirs,
     tree_is,
@@ -262,7 +265,12 @@ def test_wait_coalesces_a_burst_into_one_snapshot_and_one_signal(
     script = tmp_path / "recorder.py"
     script.write_text(RECORDER)
     out = tmp_path / "signals"
-    proc = dispenser("--wait=400ms:10s", command=[sys.executable, str(script), str(out)])
+    port = free_port()
+    proc = dispenser(
+        "--wait=400ms:10s",
+        f"--health-addr=127.0.0.1:{port}",
+        command=[sys.executable, str(script), str(out)],
+    )
     busy_wait(out.exists)
     time.sleep(1.2)  # past the child's start-up settle
     for i in range(1, 6):  # a burst: 5 revisions, 50 ms apart, quieter than MIN never
@@ -272,7 +280,7 @@ def test_wait_coalesces_a_burst_into_one_snapshot_and_one_signal(
     assert read_tree(target) == {"n": b"5"}
     time.sleep(0.6)
     assert out.read_text().count("HUP") == 1  # one signal for the whole burst
-    assert proc.log().count(": wrote 'n'") == 1
+    assert metric(metrics(port), "snapshots_total") == 2  # the first, and the whole burst
     assert proc.stop() == 128 + signal.SIGTERM
 
 
@@ -280,13 +288,14 @@ def test_wait_max_bounds_a_never_ending_burst(
     etcd: object, prefix: str, target: Path, dispenser: Start
 ) -> None:
     etcd.put(prefix + "n", b"0")  # type: ignore[attr-defined]
-    proc = dispenser("--wait=300ms:600ms")
+    port = free_port()
+    proc = dispenser("--wait=300ms:600ms", f"--health-addr=127.0.0.1:{port}")
     busy_wait(lambda: (target / "..data").exists())
     for i in range(1, 21):  # 2 s of changes, never 300 ms quiet
         etcd.put(prefix + "n", str(i).encode())  # type: ignore[attr-defined]
         time.sleep(0.1)
     busy_wait(lambda: tree_is(target, {"n": b"20"}))
-    snapshots = proc.log().count(": wrote 'n'")
+    snapshots = metric(metrics(port), "snapshots_total") - 1  # after the first
     assert 2 <= snapshots < 20  # MAX forced some out during the burst, far fewer than 20
     assert proc.stop() == 0
 
