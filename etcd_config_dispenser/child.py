@@ -37,8 +37,30 @@ WAIT_STEP = 1.0  # seconds between checks when no signal arrives
 PR_SET_CHILD_SUBREAPER = 36
 # A signal in the child's first moments can kill it: nginx still parsing its
 # config has no SIGHUP handler yet, and SIGHUP's default action is to exit.
-# A change signalled sooner than this after the start waits until then.
+# So a change waits until the child catches (or ignores) the signal, as Linux
+# shows in /proc/PID/status, polled every SETTLE_POLL; a child that has not
+# after START_SETTLE_MAX since its start gets the signal anyway. Without /proc,
+# a change waits until START_SETTLE after the start.
 START_SETTLE = 1.0
+START_SETTLE_MAX = 10.0
+SETTLE_POLL = 0.005
+# Signals whose default action is to do nothing: never worth waiting for.
+HARMLESS = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT})
+
+
+def handles(pid: int, signum: int) -> bool | None:
+    """Whether process ``pid`` catches or ignores ``signum`` (SigCgt/SigIgn in
+    /proc/PID/status); None if that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            text = status.read()
+    except OSError:
+        return None
+    bit, masks = 1 << (signum - 1), 0
+    for line in text.splitlines():
+        if line.startswith(("SigCgt:", "SigIgn:")):
+            masks |= int(line.split(":", 1)[1], 16)
+    return bool(masks & bit)
 
 
 def block_signals() -> None:
@@ -89,6 +111,7 @@ class Supervisor:
         self.kill_timeout = kill_timeout
         self.pid: int | None = None
         self.started_at = 0.0
+        self._handled: tuple[int, int] | None = None  # (pid, signal) seen caught
         self._reserved: set[int] = set()  # processes started by own(): reaped by their starter
         self._lock = threading.Lock()  # guards pid and _reserved against a concurrent reap
 
@@ -117,15 +140,26 @@ class Supervisor:
         return None
 
     def notify(self, signum: int) -> bool:
-        """Tell the child its files changed; within START_SETTLE of its start, wait until then.
+        """Tell the child its files changed, once it can take the signal (see START_SETTLE).
 
         Called from the sync thread only; forwarded signals go out at once.
         Returns whether a signal was sent (not without a child).
         """
-        if self.pid is None:
+        pid = self.pid
+        if pid is None:
             return False
-        time.sleep(max(0.0, self.started_at + START_SETTLE - time.monotonic()))
+        if signum not in HARMLESS and (pid, signum) != self._handled:
+            self._wait_until_handled(pid, signum)
         return self.send(signum)
+
+    def _wait_until_handled(self, pid: int, signum: int) -> None:
+        give_up = self.started_at + START_SETTLE_MAX
+        while (caught := handles(pid, signum)) is False and time.monotonic() < give_up:
+            time.sleep(SETTLE_POLL)
+        if caught is None:  # no /proc: the old rule of thumb
+            time.sleep(max(0.0, self.started_at + START_SETTLE - time.monotonic()))
+        elif caught:
+            self._handled = (pid, signum)  # programs keep their handlers: look once
 
     def send(self, signum: int) -> bool:
         """Send a signal to the child, if it is running; whether it was sent. Any thread."""

@@ -59,14 +59,19 @@ class FileMaker:
         changed: set[str],
         pool: int | None,
         written: list[int],
-    ) -> dict[str, str]:
+        keep: int,
+    ) -> tuple[dict[str, str], int]:
         """Bring the paths of ``delta`` in ``tree`` to ``files``: removals first, then
         writes (``changed`` ones, or any ``source`` lacks) or hard links from ``source``.
 
-        New files' descriptors are appended to ``written`` (for fsync); keys
-        whose file could not be written are returned, with why.
+        The descriptors of the first ``keep`` new files are appended to
+        ``written`` (to fsync each; more are closed at once: a big change is
+        synced whole, and thousands of open files would hit RLIMIT_NOFILE).
+        Returns the keys whose file could not be written, with why, and the
+        number of files written.
         """
         failed: dict[str, str] = {}
+        count = 0
         for rel in delta:
             if rel not in files and tree.unlink(rel):
                 tree.prune(rel.rpartition("/")[0])
@@ -77,10 +82,15 @@ class FileMaker:
             try:
                 tree.unlink(rel)  # never truncate: the inode may be shared, or open
                 if rel in changed or source is None or not self.link(source, tree, rel):
-                    written.append(self.write(tree, rel, value, pool))
+                    fd = self.write(tree, rel, value, pool)
+                    count += 1
+                    if len(written) < keep:
+                        written.append(fd)
+                    else:
+                        os.close(fd)
             except OSError as err:
                 failed[rel] = blame(tree, err)
-        return failed
+        return failed, count
 
     def write(self, tree: Tree, rel: str, value: bytes, pool: int | None) -> int:
         """A new file at ``rel`` holding ``value``; its open descriptor, for fsync."""
@@ -117,13 +127,18 @@ class FileMaker:
         os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
         return True
 
-    def copy(self, target_fd: int, source: str, name: str, paths: Iterable[str]) -> None:
+    def copy(
+        self, target_fd: int, source: str, name: str, paths: Iterable[str], sync: bool
+    ) -> None:
         """A new directory ``name`` holding ``paths`` of ``source`` as hard links:
-        no file contents copied."""
+        no file contents copied. ``sync``: its directories are made durable (the
+        files are already: they are the source's)."""
         self.mkdir(target_fd, name)
         with Tree(open_dir(name, target_fd)) as tree, Tree(open_dir(source, target_fd)) as src:
             for rel in paths:
                 self.link(src, tree, rel)
+            for fd in tree.opened() if sync else ():
+                os.fsync(fd)
 
     def fill_pool(self, target_fd: int) -> None:
         with contextlib.suppress(FileExistsError):

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 
 from .filemaker import FileMaker
-from .fsops import Tree, open_dir, remove_at, syncfs
+from .fsops import Tree, open_dir, remove_at
 from .layout import snapshot_name
 from .ledger import Ledger, Snap
 from .links import TopLinks
@@ -103,8 +103,7 @@ class Housekeeper:
         """
         name = snapshot_name(live.revision)
         try:
-            self._maker.copy(self._fd, live.name, name, self._links.live_paths)
-            syncfs(self._fd)
+            self._maker.copy(self._fd, live.name, name, self._links.live_paths, sync=True)
         except OSError:
             discard(self._fd, name)
             raise

@@ -163,9 +163,8 @@ class SnapshotWriter:
                 self._maker.mkdir(self._fd, name)
             else:
                 assert self.serving is not None
-                self._maker.copy(self._fd, self.serving, name, self._links.live_paths)
-            fresh = spare is None
-            result = self._fill(name, files, delta, changed, first, fresh)  # (3), (4)
+                self._maker.copy(self._fd, self.serving, name, self._links.live_paths, sync=True)
+            result = self._fill(name, files, delta, changed, first)  # (3), (4)
             self._flip(name)  # (5)
         except OSError as err:
             discard(self._fd, TMP_LINK, name)
@@ -188,9 +187,8 @@ class SnapshotWriter:
         delta: set[str],
         changed: set[str],
         first: bool,
-        fresh: bool,
     ) -> Published:
-        """Steps 3 and 4 in the directory ``name`` (``fresh``: every file in it is new)."""
+        """Steps 3 and 4 in the directory ``name``."""
         result = Published(name)
         live = None if first else self.serving
         source = Tree(open_dir(live, self._fd)) if live is not None else None
@@ -198,12 +196,13 @@ class SnapshotWriter:
         written: list[int] = []
         try:
             with Tree(open_dir(name, self._fd)) as tree:
-                result.failed = self._maker.apply(
-                    tree, source, files, delta, changed, pool, written
+                maker = self._maker
+                result.failed, count = maker.apply(
+                    tree, source, files, delta, changed, pool, written, FSYNC_EACH_MAX
                 )
                 if first and self.defer_first_sync and self.ledger.adopted is None:
                     self._unsynced = True  # synced by settle(), see app
-                elif fresh or len(written) > FSYNC_EACH_MAX:
+                elif first or count > FSYNC_EACH_MAX:
                     syncfs(tree.fd)
                 else:
                     for fd in written + tree.opened():

@@ -175,6 +175,20 @@ def test_orphaned_zombies_are_reaped(tmp_path: Path) -> None:
     assert proc.wait(10) == 128 + signal.SIGTERM
 
 
+def test_a_signal_goes_out_as_soon_as_the_child_handles_it() -> None:
+    """No fixed delay: a child that catches SIGHUP at once gets an early change at once."""
+    script = "import signal,sys,time; signal.signal(signal.SIGHUP, lambda *a: print('got HUP', time.monotonic(), flush=True)); print('ready', time.monotonic(), flush=True); time.sleep(5)"  # noqa: E501
+    proc = start(sys.executable, "-c", script, hup_now=True)
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline().split() for _ in range(2)]  # in either order
+    stamps = {words[0]: float(words[-1]) for words in lines}
+    assert (
+        stamps["got"] - stamps["ready"] < 0.5
+    )  # the old fixed 1 s settle would make this >= ~0.9 s
+    proc.terminate()
+    assert proc.wait(10) == 128 + signal.SIGTERM
+
+
 def test_a_signal_right_after_the_start_waits_for_the_child_to_settle() -> None:
     """A child that installs its SIGHUP handler 0.3 s in would die of an early SIGHUP."""
     proc = start(
