@@ -80,7 +80,8 @@ class FileMaker:
             if value is None:
                 continue
             try:
-                tree.unlink(rel)  # never truncate: the inode may be shared, or open
+                # Never truncate or rewrite a file: its inode may be shared with
+                # another snapshot, or open in a reader. A new one replaces it.
                 if rel in changed or source is None or not self.link(source, tree, rel):
                     fd = self.write(tree, rel, value, pool)
                     count += 1
@@ -93,12 +94,14 @@ class FileMaker:
         return failed, count
 
     def write(self, tree: Tree, rel: str, value: bytes, pool: int | None) -> int:
-        """A new file at ``rel`` holding ``value``; its open descriptor, for fsync."""
+        """A new file at ``rel`` holding ``value``, replacing what was there; its open
+        descriptor, for fsync. A pooled file replaces the old one in one rename."""
         parent, leaf = tree.parent(rel, self.mkdir)
         pooled = self.pool.pop() if pool is not None and self.pool else None
         if pooled is not None:
             fd = os.open(pooled, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pool)
         else:
+            tree.unlink(rel)
             fd = self.create(parent, leaf)
         try:
             view = memoryview(value)
@@ -123,6 +126,7 @@ class FileMaker:
             if err.errno in ABSENT:
                 return False
             raise
+        tree.unlink(rel)
         parent, _ = tree.parent(rel, self.mkdir)
         os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
         return True

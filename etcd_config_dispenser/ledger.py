@@ -10,7 +10,10 @@ change rolled back by --check): every publish rewrites them, so the caller
 never has to remember what was not served.
 
 A retired directory may still be read by someone who resolved ``..data``
-just before the flip, so it is left untouched for ``grace`` seconds. Once
+just before the flip, so it is left untouched for ``grace`` seconds, or
+during a burst (no spare past ``grace``) for ``min_grace`` at least: changes
+back to back then cycle through the directories retired in the last
+``min_grace`` instead of each copying every file. Once
 that is over it is either deleted (beyond ``max_spares``) or brought up to
 the live content (``catch_up``): then no directory under the target holds a
 value that etcd no longer has, and the next change starts from it.
@@ -42,8 +45,9 @@ class Housekeeping:
 
 
 class Ledger:
-    def __init__(self, grace: float, max_spares: int) -> None:
+    def __init__(self, grace: float, max_spares: int, min_grace: float | None = None) -> None:
         self.grace = grace
+        self.min_grace = grace if min_grace is None else min(min_grace, grace)
         self.max_spares = max_spares
         self.live: Snap | None = None
         self.adopted: str | None = None  # live, left by a previous process; contents untracked
@@ -73,9 +77,13 @@ class Ledger:
             return None  # spares are only known relative to a live snapshot of ours
         for spare in self.spares:
             if self._past_grace(spare, now):
-                self.spares.remove(spare)
-                return spare, self._since(spare.seq)
-        return None
+                break
+        else:  # a burst: the oldest one past the shorter grace, if any
+            spare = self.spares[0] if self.spares else None
+            if spare is None or now - (spare.retired_at or 0.0) < self.min_grace:
+                return None
+        self.spares.remove(spare)
+        return spare, self._since(spare.seq)
 
     def published(self, name: str, revision: int, changed: Collection[str], now: float) -> None:
         """``name`` is live now; ``changed`` are the paths it differs in from the one before."""

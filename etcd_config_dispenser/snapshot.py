@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 FSYNC_EACH_MAX = 32  # up to this many files written: fsync each; beyond: one syncfs
 MAX_SPARES = 2  # retired snapshots kept, past their grace period, for the next changes
 GRACE = 0.25  # seconds a retired snapshot stays untouched for readers still in it
+MIN_GRACE = 0.025  # ... at least, during a burst (see ledger)
 
 
 class SnapshotError(OSError):
@@ -77,12 +78,13 @@ class SnapshotWriter:
         clock: Callable[[], float] = time.monotonic,
         defer_first_sync: bool = False,
         max_spares: int = MAX_SPARES,
+        min_grace: float = MIN_GRACE,
     ) -> None:
         self.target = target
         self._maker = FileMaker(mode, uid, gid)
         self.clock = clock
         self.defer_first_sync = defer_first_sync
-        self.ledger = Ledger(grace, max_spares)
+        self.ledger = Ledger(grace, max_spares, min_grace)
         self._links = TopLinks()
         self._fd = -1  # the target, open from recover() on
         self._unsynced = False  # the first snapshot waits for settle() to be synced

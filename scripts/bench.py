@@ -10,8 +10,8 @@ CLOCK_MONOTONIC, which all processes share:
 - the dispenser: its child stamps the moment it has the SIGHUP.
 
 Patterns: one-key changes back to back (each put right after the previous
-signal) and spaced (0.3 s apart); a target on ext4 (or whatever holds the
-working directory) and on tmpfs (/dev/shm); 100 and 10,000 keys (and more with
+signal) and spaced (0.3 s apart); a target on ext4 (/var/tmp, or whatever holds
+it) and on tmpfs (/dev/shm); 100 and 10,000 keys (and more with
 --sizes). p50, p90 and p99, and the overhead over the floor measured in the
 same run. Also: the initial sync (launch -> child started) beside a plain loop
 creating the same files on the same disk in the same run, and the peak RSS.
@@ -198,10 +198,10 @@ def main() -> None:
     parser.add_argument("--back-to-back", type=int, default=300, help="samples, back to back")
     parser.add_argument("--spaced", type=int, default=40, help="samples, 0.3 s apart")
     parser.add_argument("--sizes", default="100,10000", help="keys held, comma-separated")
-    parser.add_argument("--filesystems", default="ext4,tmpfs", help="ext4 (the cwd's), tmpfs")
+    parser.add_argument("--filesystems", default="ext4,tmpfs", help="ext4 (/var/tmp), tmpfs")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    roots = {"ext4": Path.cwd(), "tmpfs": Path("/dev/shm")}
+    roots = {"ext4": Path("/var/tmp"), "tmpfs": Path("/dev/shm")}  # ext4 here: the root fs
     rows: list[tuple[str, list[float]]] = []
     other: list[str] = []
     server = EtcdServer().start()

@@ -151,3 +151,93 @@ def test_links_track_presence_not_arrival_order() -> None:
     links._track({"d/x": True, "d/y": True}, reset=True)
     assert links._track({"d/x": False}, reset=False) == {"d"}
     assert links._counts["d"] == 1
+
+
+def test_changes_back_to_back_reuse_spares_instead_of_copying_every_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst at 2,000 files: after a few copies, every change reuses a directory retired
+    at least MIN_GRACE ago, and none retired more recently is ever touched."""
+    clock = Clock()
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target, clock=clock)  # the default grace periods
+    writer.recover()
+    tree = KeyTree()
+    for i in range(2000):
+        tree.put(f"k{i:04d}", b"0")
+    writer.publish(tree.files, set(tree.files), 1)
+    writer.settle()
+    writer.maintain()
+    copies: list[str] = []
+    real_copy = writer._maker.copy
+
+    def counting_copy(*args: object, **kwargs: object) -> None:
+        copies.append(str(args[2]))
+        real_copy(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer._maker, "copy", counting_copy)
+    retired: dict[str, tuple[float, dict[str, bytes]]] = {}
+    live = os.readlink(target / DATA_LINK)
+    interval = 0.003
+    for revision in range(2, 152):
+        clock.now += interval
+        young = {n: files for n, (t, files) in retired.items() if clock.now - t < 0.025}
+        writer.publish(tree.files, tree.put("k0007", str(revision).encode()), revision)
+        for name, files in young.items():  # still there, still as it was
+            assert {p: (target / name / p).read_bytes() for p in files} == files
+        writer.settle()
+        writer.maintain()
+        retired[live] = (clock.now, {"k0007": (target / live / "k0007").read_bytes()})
+        live = os.readlink(target / DATA_LINK)
+    assert read_tree(target)["k0007"] == b"151"
+    expected = int(0.025 / interval) + 2
+    assert len(copies) <= expected, f"{len(copies)} full copies in a burst of 150"
+
+
+def test_readers_of_one_resolved_data_see_whole_revisions_during_a_burst(tmp_path: Path) -> None:
+    """A reader in a tight loop, as nginx reads a certificate and its key, while changes
+    come back to back: never ENOENT, never a pair from two revisions."""
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target)
+    writer.recover()
+    tree = KeyTree()
+    for i in range(500):
+        tree.put(f"other-{i:03d}", b"x")
+    tree.put("cert.pem", b"0")
+    tree.put("key.pem", b"0")
+    writer.publish(tree.files, set(tree.files), 1)
+    writer.settle()
+    stop = threading.Event()
+    problems: list[str] = []
+    reads = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                name = os.readlink(target / DATA_LINK)
+                cert = (target / name / "cert.pem").read_bytes()
+                key = (target / name / "key.pem").read_bytes()
+                linked = (target / "key.pem").read_bytes()  # through the top-level link
+            except OSError as err:
+                problems.append(f"{type(err).__name__}: {err}")
+                continue
+            if cert != key:
+                problems.append(f"a pair from two revisions: {cert!r} / {key!r}")
+            if not linked:
+                problems.append("empty file through the link")
+            reads[0] += 1
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for revision in range(2, 400):
+            value = str(revision).encode()
+            changed = tree.put("cert.pem", value) | tree.put("key.pem", value)
+            writer.publish(tree.files, changed, revision)
+            writer.settle()
+            writer.maintain()
+    finally:
+        stop.set()
+        thread.join(10)
+    assert reads[0] > 100
+    assert problems == []
