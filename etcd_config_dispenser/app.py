@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import signal
+from collections.abc import Mapping
 
 from . import health
 from .checkcmd import run_check
@@ -22,17 +23,33 @@ from .source import EtcdSource
 log = logging.getLogger("etcd_config_dispenser")
 
 
+def _warn_secrets_in_environment(environ: Mapping[str, str]) -> None:
+    """Whatever a process was started with stays readable in /proc/PID/environ by every
+    process of the same user, the child included: secrets belong in files."""
+    instead = {
+        "ETCD_PASSWORD": "ETCD_PASSWORD_FILE",
+        "ETCD_USERNAME_AND_PASSWORD": "ETCD_PASSWORD_FILE",
+        "ETCD_CLIENT_KEY": "ETCD_CLIENT_KEY_FILE, or the key file's path",
+    }
+    for name, better in instead.items():
+        value = environ.get(name)
+        if value is None or (name == "ETCD_CLIENT_KEY" and "PRIVATE KEY" not in value):
+            continue
+        log.warning(
+            "%s is in this process's environment, which processes of the same user can "
+            "read (/proc/PID/environ): use %s instead",
+            name,
+            better,
+        )
+
+
 def run(options: Options, etcd: EtcdConfig) -> int:
     """Run until the child exits (its exit code) or, without a child, until SIGTERM (0)."""
     # Configure signals: before any thread exists, so that every thread inherits the mask.
     block_signals()
     if os.getpid() != 1:
         become_subreaper()
-    if "ETCD_PASSWORD" in os.environ or "ETCD_USERNAME_AND_PASSWORD" in os.environ:
-        log.warning(
-            "the etcd password is in this process's environment, which processes of the same "
-            "user can read (/proc/PID/environ): use ETCD_PASSWORD_FILE instead"
-        )
+    _warn_secrets_in_environment(os.environ)
     if etcd.insecure_skip_verify:
         log.warning("ETCD_INSECURE_SKIP_VERIFY is set: the etcd server is NOT verified")
     writer = SnapshotWriter(

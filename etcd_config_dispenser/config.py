@@ -7,6 +7,7 @@ None of these variables may reach the child: see ``child_environ``.
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,10 +69,15 @@ def env_str(environ: Mapping[str, str], name: str) -> str | None:
     if value is not None and file_name is not None:
         raise ConfigError(f"both {name} and {name}_FILE are set: use one")
     if file_name is not None:
+        path = Path(file_name)
         try:
-            return Path(file_name).read_text().strip()
+            if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would hang, a device not end
+                raise ConfigError(f"{name}_FILE={file_name!r} is not a regular file")
+            return path.read_text().strip()
         except OSError as err:
             raise ConfigError(f"cannot read {name}_FILE={file_name!r}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{name}_FILE={file_name!r} is not UTF-8 text") from None
     return value
 
 

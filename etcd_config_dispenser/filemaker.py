@@ -13,10 +13,11 @@ import os
 import stat
 from collections.abc import Iterable, Mapping
 
-from .fsops import Tree, lstat_at, open_dir
+from .fsops import Tree, lstat_at, open_dir, remove_at
 from .layout import POOL_DIR
 
 POOL_SIZE = 8  # empty files kept ready for the next change
+POOL_OPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # Errors that no single key explains: the whole target is unusable for now.
 TARGET_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
@@ -97,24 +98,48 @@ class FileMaker:
         """A new file at ``rel`` holding ``value``, replacing what was there; its open
         descriptor, for fsync. A pooled file replaces the old one in one rename."""
         parent, leaf = tree.parent(rel, self.mkdir)
-        pooled = self.pool.pop() if pool is not None and self.pool else None
-        if pooled is not None:
-            fd = os.open(pooled, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pool)
-        else:
+        pooled = self._take_pooled(pool) if pool is not None else None
+        if pooled is None:
             tree.unlink(rel)
             fd = self.create(parent, leaf)
+        else:
+            fd = pooled[1]
         try:
             view = memoryview(value)
             while view:
                 view = view[os.write(fd, view) :]
             if pooled is not None:
-                os.rename(pooled, leaf, src_dir_fd=pool, dst_dir_fd=parent)
+                os.rename(pooled[0], leaf, src_dir_fd=pool, dst_dir_fd=parent)
+                if os.lstat(leaf, dir_fd=parent).st_ino != os.fstat(fd).st_ino:
+                    raise OSError(errno.EEXIST, f"{leaf!r} was swapped while written")
         except OSError:
             os.close(fd)
             if pooled is not None:
-                os.unlink(pooled, dir_fd=pool)
+                with contextlib.suppress(OSError):
+                    os.unlink(pooled[0], dir_fd=pool)
             raise
         return fd
+
+    def _take_pooled(self, pool: int) -> tuple[str, int] | None:
+        """An empty file of ours from the pool, open for writing; None if none is left.
+
+        The pool is in shared territory too: an entry that is not still the
+        empty, single-link regular file we made (a hard link to a file
+        elsewhere, a FIFO, a file with content) is dropped, never written.
+        """
+        owner = os.geteuid() if self.uid == -1 else self.uid
+        while self.pool:
+            name = self.pool.pop()
+            try:
+                fd = os.open(name, POOL_OPEN, dir_fd=pool)
+            except OSError:  # gone, a link, a FIFO without reader...
+                continue
+            st = os.fstat(fd)
+            ours = st.st_nlink == 1 and st.st_size == 0 and st.st_uid == owner
+            if ours and stat.S_ISREG(st.st_mode):
+                return name, fd
+            os.close(fd)
+        return None
 
     def link(self, source: Tree, tree: Tree, rel: str) -> bool:
         """Share the live file at ``rel``; False if the live snapshot has none."""
@@ -133,21 +158,40 @@ class FileMaker:
 
     def copy(
         self, target_fd: int, source: str, name: str, paths: Iterable[str], sync: bool
-    ) -> None:
+    ) -> list[str]:
         """A new directory ``name`` holding ``paths`` of ``source`` as hard links:
-        no file contents copied. ``sync``: its directories are made durable (the
-        files are already: they are the source's)."""
+        no file contents copied; the paths ``source`` lacked. ``sync``: its
+        directories are made durable (the files are already: the source's)."""
         self.mkdir(target_fd, name)
         with Tree(open_dir(name, target_fd)) as tree, Tree(open_dir(source, target_fd)) as src:
-            for rel in paths:
-                self.link(src, tree, rel)
-            for fd in tree.opened() if sync else ():
-                os.fsync(fd)
+            missing = [rel for rel in paths if not self.link(src, tree, rel)]
+            if sync:
+                tree.sync()
+        return missing
+
+    def open_pool(self, target_fd: int) -> int | None:
+        """The pool, if it has files; None if empty, or removed or replaced by someone
+        (files are then made anew, and the housekeeping makes the pool again)."""
+        if not self.pool:
+            return None
+        try:
+            return open_dir(POOL_DIR, target_fd)
+        except OSError:
+            self.pool = []
+            return None
 
     def fill_pool(self, target_fd: int) -> None:
-        with contextlib.suppress(FileExistsError):
+        """Make the pool up to POOL_SIZE empty files (and ``..pool`` again if someone
+        replaced it with something else)."""
+        try:
+            pool = open_dir(POOL_DIR, target_fd)
+        except OSError as err:
+            if err.errno not in ABSENT:
+                raise
+            remove_at(target_fd, POOL_DIR)  # our reserved name: whatever is there goes
+            self.pool = []
             self.mkdir(target_fd, POOL_DIR)
-        pool = open_dir(POOL_DIR, target_fd)
+            pool = open_dir(POOL_DIR, target_fd)
         try:
             while len(self.pool) < POOL_SIZE:
                 self._pool_serial += 1

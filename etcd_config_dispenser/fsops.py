@@ -21,6 +21,7 @@ from pathlib import Path
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+OPEN_DIRS_MAX = 64  # directories a Tree keeps open at once (RLIMIT_NOFILE may be 1024)
 # A directory entry that is a symlink where a directory was expected.
 NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)
 
@@ -104,6 +105,7 @@ class Tree:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._dirs: dict[str, int] = {"": fd}
+        self._closed: set[str] = set()  # opened, then closed to stay under OPEN_DIRS_MAX
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -121,6 +123,11 @@ class Tree:
         fd = self._dirs.get(rel)
         if fd is not None:
             return fd
+        if len(self._dirs) >= OPEN_DIRS_MAX:  # thousands of directories: not one fd each
+            for done, fd in list(self._dirs.items())[1:]:
+                os.close(fd)
+                self._closed.add(done)
+            self._dirs = {"": self.fd}
         done = rel
         while done and done not in self._dirs:  # the deepest one already open
             done = done.rpartition("/")[0]
@@ -173,9 +180,16 @@ class Tree:
             rel_dir = head
         return removed
 
-    def opened(self) -> list[int]:
-        """Every directory opened so far: the ones a change may have touched."""
-        return list(self._dirs.values())
+    def sync(self) -> None:
+        """fsync every directory opened so far: the ones a change may have touched."""
+        for fd in self._dirs.values():
+            os.fsync(fd)
+        for rel in self._closed - self._dirs.keys():
+            try:
+                fd = self.dir(rel)
+            except FileNotFoundError:  # pruned since: its parent was synced
+                continue
+            os.fsync(fd)
 
 
 def files_in(dir_fd: int) -> list[str]:

@@ -9,7 +9,6 @@ for the next change. What is due is decided by the ``ledger``; this does it.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 from .filemaker import FileMaker
@@ -19,6 +18,8 @@ from .ledger import Ledger, Snap
 from .links import TopLinks
 
 log = logging.getLogger(__name__)
+
+REMOVE_RETRY = 1.0  # seconds before removing an old snapshot is tried again
 
 
 def discard(target_fd: int, *names: str) -> None:
@@ -57,8 +58,9 @@ class Housekeeper:
         for name in due.delete:
             try:
                 remove_at(self._fd, name)
-            except OSError as err:
-                log.warning("could not remove old snapshot %r: %s", name, err)
+            except OSError as err:  # never forgotten: it may hold values etcd dropped
+                log.warning("could not remove old snapshot %r: %s; trying again", name, err)
+                self.ledger.doomed[name] = self.clock() + REMOVE_RETRY
         try:
             for spare, paths in due.catch_up:
                 self._catch_up(spare, paths)
@@ -84,10 +86,11 @@ class Housekeeper:
                 for rel in paths:
                     if tree.unlink(rel):
                         tree.prune(rel.rpartition("/")[0])
-                for rel in paths:
-                    self._maker.link(src, tree, rel)
-                for fd in tree.opened():
-                    os.fsync(fd)
+                live_paths = self._links.live_paths
+                lost = [r for r in paths if not self._maker.link(src, tree, r) and r in live_paths]
+                if lost:  # the live one lacks what it should hold: this copy is no good
+                    raise FileNotFoundError(f"{lost[0]!r} is missing from {live.name!r}")
+                tree.sync()
         except OSError:
             self.ledger.spares.remove(spare)
             self.ledger.doomed[spare.name] = self.clock()
@@ -103,7 +106,9 @@ class Housekeeper:
         """
         name = snapshot_name(live.revision)
         try:
-            self._maker.copy(self._fd, live.name, name, self._links.live_paths, sync=True)
+            paths = self._links.live_paths
+            if self._maker.copy(self._fd, live.name, name, paths, sync=True):
+                raise FileNotFoundError(f"files are missing from {live.name!r}")
         except OSError:
             discard(self._fd, name)
             raise

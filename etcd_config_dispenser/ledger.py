@@ -75,13 +75,13 @@ class Ledger:
         """The oldest spare no reader can be in, and the paths it lacks; it leaves the spares."""
         if self.live is None:
             return None  # spares are only known relative to a live snapshot of ours
-        for spare in self.spares:
-            if self._past_grace(spare, now):
-                break
+        ready = [s for s in self.spares if self._past_grace(s, now)]
+        if ready:
+            spare = ready[0]
         else:  # a burst: the oldest one past the shorter grace, if any
-            spare = self.spares[0] if self.spares else None
-            if spare is None or now - (spare.retired_at or 0.0) < self.min_grace:
+            if not self.spares or now - (self.spares[0].retired_at or 0.0) < self.min_grace:
                 return None
+            spare = self.spares[0]
         self.spares.remove(spare)
         return spare, self._since(spare.seq)
 

@@ -178,7 +178,8 @@ class Publisher:
             code, output = self.check()
             if code != 0:
                 self.stats.check_failures += 1
-                tail = " | ".join(output.strip().splitlines()[-5:]) or "no output"
+                lines = [_printable(line) for line in output.strip().splitlines()[-5:]]
+                tail = " | ".join(lines) or "no output"
                 self._rejected = (revision, f"exit code {code}: {tail}")
                 self._reject(*self._rejected, first)
                 return
@@ -209,6 +210,11 @@ class Publisher:
             self.first_rejected = True
             self.first_sync.set()
         self.writer.settle()
+
+
+def _printable(line: str) -> str:
+    """A line of a command's output for the log: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 def _names(paths: list[str], most: int = 10) -> str:

@@ -59,7 +59,8 @@ def _readlink(target_fd: int, name: str) -> str:
 
 
 def _check_pool(target_fd: int) -> str | None:
-    """A pool is a directory of empty numbered files; anything else is somebody's."""
+    """A pool is a directory of numbered regular files with one link each (empty, or
+    written just before a crash); anything else is somebody's."""
     try:
         fd = open_dir(POOL_DIR, target_fd)
     except OSError as err:
@@ -69,8 +70,9 @@ def _check_pool(target_fd: int) -> str | None:
     try:
         for entry in os.scandir(fd):
             st = entry.stat(follow_symlinks=False)
-            if not (stat.S_ISREG(st.st_mode) and st.st_size == 0 and is_pool_file_name(entry.name)):
-                return f"{POOL_DIR!r} holds {entry.name!r}, which is not an empty pool file"
+            ours = stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and is_pool_file_name(entry.name)
+            if not ours:
+                return f"{POOL_DIR!r} holds {entry.name!r}, which is not a pool file of ours"
     finally:
         os.close(fd)
     return None

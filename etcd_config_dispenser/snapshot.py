@@ -39,7 +39,7 @@ from .filemaker import FileMaker, has_file
 from .fsops import Tree, files_in, open_dir, remove_at, syncfs
 from .housekeeping import Housekeeper, discard
 from .keys import MAX_PATH
-from .layout import DATA_LINK, POOL_DIR, SNAPSHOT_NAME_MAX, TMP_LINK, snapshot_name
+from .layout import DATA_LINK, SNAPSHOT_NAME_MAX, TMP_LINK, snapshot_name
 from .ledger import Ledger
 from .links import TopLinks
 
@@ -165,7 +165,9 @@ class SnapshotWriter:
                 self._maker.mkdir(self._fd, name)
             else:
                 assert self.serving is not None
-                self._maker.copy(self._fd, self.serving, name, self._links.live_paths, sync=True)
+                paths = self._links.live_paths
+                missing = self._maker.copy(self._fd, self.serving, name, paths, sync=True)
+                delta = changed | set(missing)  # lost from the live one: written anew
             result = self._fill(name, files, delta, changed, first)  # (3), (4)
             self._flip(name)  # (5)
         except OSError as err:
@@ -177,7 +179,7 @@ class SnapshotWriter:
         ledger.published(name, revision, changed, now)
         ledger.failed(result.failed)
         present = {p: p in files and p not in result.failed for p in delta}
-        self._update_links(present, reset=first, when=f"r{revision}")  # (6)
+        self._links.update(self._fd, present, first, f"r{revision}")  # (6)
         result.written = sorted(p for p in changed if present.get(p))
         result.removed = sorted(p for p in changed if p not in files)
         return result
@@ -194,7 +196,7 @@ class SnapshotWriter:
         result = Published(name)
         live = None if first else self.serving
         source = Tree(open_dir(live, self._fd)) if live is not None else None
-        pool = open_dir(POOL_DIR, self._fd) if self._maker.pool and not first else None
+        pool = self._maker.open_pool(self._fd) if not first else None
         written: list[int] = []
         try:
             with Tree(open_dir(name, self._fd)) as tree:
@@ -207,8 +209,9 @@ class SnapshotWriter:
                 elif first or count > FSYNC_EACH_MAX:
                     syncfs(tree.fd)
                 else:
-                    for fd in written + tree.opened():
+                    for fd in written:
                         os.fsync(fd)
+                    tree.sync()
         finally:
             for fd in written:
                 os.close(fd)
@@ -223,9 +226,6 @@ class SnapshotWriter:
         remove_at(self._fd, TMP_LINK)
         os.symlink(name, TMP_LINK, dir_fd=self._fd)
         os.rename(TMP_LINK, DATA_LINK, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-
-    def _update_links(self, present: Mapping[str, bool], reset: bool, when: str) -> None:
-        self._links.update(self._fd, present, reset, when)
 
     def rollback(self) -> str:
         """Make the previous snapshot live again, right after a ``publish``; its name.
@@ -247,10 +247,10 @@ class SnapshotWriter:
         with Tree(open_dir(name, self._fd)) as tree:
             if paths is None:  # the previous process's snapshot: read what it holds
                 on_disk = files_in(tree.fd)
-                self._update_links(dict.fromkeys(on_disk, True), True, f"back to {name}")
+                self._links.update(self._fd, dict.fromkeys(on_disk, True), True, f"back to {name}")
             else:
                 present = {p: has_file(tree, p) for p in paths}
-                self._update_links(present, False, f"back to {name}")
+                self._links.update(self._fd, present, False, f"back to {name}")
         return name
 
     @property

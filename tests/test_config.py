@@ -59,6 +59,7 @@ def test_ipv6_endpoint_keeps_its_brackets_for_grpc() -> None:
         ({"ETCD_CLIENT_CERT": "-----BEGIN CERTIFICATE-----x"}, "set together"),
         ({"ETCD_SERVER_CA": "/nonexistent/ca.pem"}, "neither PEM nor a readable file"),
         ({"ETCD_USERNAME_FILE": "/nonexistent"}, "cannot read ETCD_USERNAME_FILE"),
+        ({"ETCD_PASSWORD_FILE": "/dev/null"}, "ETCD_PASSWORD_FILE='/dev/null' is not a regular"),
     ],
 )
 def test_bad_settings_name_the_variable(environ: dict[str, str], message: str) -> None:

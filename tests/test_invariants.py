@@ -171,9 +171,9 @@ def test_changes_back_to_back_reuse_spares_instead_of_copying_every_file(
     copies: list[str] = []
     real_copy = writer._maker.copy
 
-    def counting_copy(*args: object, **kwargs: object) -> None:
+    def counting_copy(*args: object, **kwargs: object) -> list[str]:
         copies.append(str(args[2]))
-        real_copy(*args, **kwargs)  # type: ignore[arg-type]
+        return real_copy(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(writer._maker, "copy", counting_copy)
     retired: dict[str, tuple[float, dict[str, bytes]]] = {}

@@ -61,6 +61,7 @@ DIR_KINDS = (
     "dir_with_links",
     "pool_ok",
     "pool_nonempty",
+    "pool_hardlink",
     "pool_subdir",
     "pool_badname",
 )
@@ -109,8 +110,10 @@ def make_entry(target: Path, sentinel: Path, name: str, kind: str) -> None:
     elif kind == "pool_ok":
         for pooled in POOL_PLANTED:
             (path / pooled).touch()
-    elif kind == "pool_nonempty":
+    elif kind == "pool_nonempty":  # what a crash between write and rename leaves
         (path / "900003").write_bytes(b"not empty")
+    elif kind == "pool_hardlink":  # a second name of a file outside: not one we made
+        os.link(sentinel / "900001", path / "900006")
     elif kind == "pool_subdir":
         (path / "900004").mkdir()
     elif kind == "pool_badname":
@@ -144,8 +147,8 @@ def is_legit(name: str, kind: str, planted: Mapping[str, str]) -> bool:
         return kind == "snap_ref" and planted.get(SNAP_LIVE) in DIR_KINDS
     if name in ("..data_tmp", "..link_tmp"):
         return kind in LINK_KINDS or kind == "root_link"  # a symlink: unlinked, never followed
-    if name == "..pool":
-        return kind in ("empty_dir", "pool_ok")
+    if name == "..pool":  # pool files of ours: regular, one link, any content (a crash)
+        return kind in ("empty_dir", "pool_ok", "pool_nonempty")
     if SNAPSHOT.fullmatch(name):
         return kind in DIR_KINDS  # a real directory; what it holds is removed, not followed
     if name.startswith(".."):
@@ -330,7 +333,8 @@ TABLE = [
     # ``..pool`` holds empty regular files with decimal names, nothing else.
     pytest.param({"..pool": "abs_link"}, False, id="pool-link-out"),
     pytest.param({"..pool": "file"}, False, id="pool-file"),
-    pytest.param({"..pool": "pool_nonempty"}, False, id="pool-non-empty-file"),
+    pytest.param({"..pool": "pool_nonempty"}, True, id="pool-file-written-before-a-crash"),
+    pytest.param({"..pool": "pool_hardlink"}, False, id="pool-hard-link-out"),
     pytest.param({"..pool": "pool_subdir"}, False, id="pool-subdir"),
     pytest.param({"..pool": "dir_with_links"}, False, id="pool-links-inside"),
     pytest.param({"..pool": "pool_badname"}, False, id="pool-non-decimal-name"),

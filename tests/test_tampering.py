@@ -1,0 +1,149 @@
+"""The target is shared territory while the dispenser runs, too: what another process does
+in it between two changes never makes the writer write, serve or keep what is not its own.
+
+Writer-level tests on a real filesystem (a temporary directory), no etcd.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers import read_tree
+
+from etcd_config_dispenser import housekeeping
+from etcd_config_dispenser.keys import KeyTree
+from etcd_config_dispenser.layout import POOL_DIR, is_snapshot_name
+from etcd_config_dispenser.snapshot import SnapshotWriter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def started(tmp_path: Path, **kwargs: object) -> tuple[Path, SnapshotWriter, KeyTree]:
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target, **kwargs)  # type: ignore[arg-type]
+    writer.recover()
+    tree = KeyTree()
+    writer.publish(tree.files, tree.put("k", b"old") | tree.put("other", b"o"), 1)
+    writer.settle()
+    writer.maintain()
+    return target, writer, tree
+
+
+def change(writer: SnapshotWriter, tree: KeyTree, revision: int, value: bytes) -> None:
+    assert writer.publish(tree.files, tree.put("k", value), revision)
+    writer.settle()
+    writer.maintain()
+
+
+@pytest.mark.parametrize("kind", ["hard link out", "fifo", "content", "symlink out"])
+def test_a_tampered_pool_file_is_never_written_or_served(tmp_path: Path, kind: str) -> None:
+    target, writer, tree = started(tmp_path)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"SENTINEL")
+    pool = target / POOL_DIR
+    for name in os.listdir(pool):
+        (pool / name).unlink()
+        if kind == "hard link out":
+            os.link(outside, pool / name)
+        elif kind == "fifo":
+            os.mkfifo(pool / name)
+        elif kind == "content":
+            (pool / name).write_bytes(b"include /evil;\n")
+        else:
+            os.symlink(outside, pool / name)
+    change(writer, tree, 2, b"NEW")  # a FIFO must not hang it (pytest's timeout would fire)
+    assert outside.read_bytes() == b"SENTINEL"
+    assert read_tree(target) == {"k": b"NEW", "other": b"o"}
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "gone"])
+def test_a_replaced_pool_directory_costs_nothing_but_the_pool(tmp_path: Path, kind: str) -> None:
+    target, writer, tree = started(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    pool = target / POOL_DIR
+    for name in os.listdir(pool):
+        (pool / name).unlink()
+    pool.rmdir()
+    if kind == "file":
+        pool.write_bytes(b"x")
+    elif kind == "symlink":
+        pool.symlink_to(outside)
+    change(writer, tree, 2, b"NEW")
+    assert read_tree(target) == {"k": b"NEW", "other": b"o"}
+    assert pool.is_dir() and not pool.is_symlink()  # made again by the housekeeping
+    assert list(outside.iterdir()) == []
+    change(writer, tree, 3, b"NEWER")
+    assert read_tree(target) == {"k": b"NEWER", "other": b"o"}
+
+
+def test_an_old_snapshot_that_could_not_be_removed_is_removed_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forgetting it would keep values etcd no longer has on the disk for good."""
+    clock = Clock()
+    target, writer, tree = started(tmp_path, clock=clock, grace=0.1, max_spares=0)
+    real_remove = housekeeping.remove_at
+    failures = []
+
+    def failing_remove(fd: int, name: str) -> None:
+        if is_snapshot_name(name) and not failures:
+            failures.append(name)
+            raise OSError(30, "Read-only file system")
+        real_remove(fd, name)
+
+    monkeypatch.setattr(housekeeping, "remove_at", failing_remove)
+    change(writer, tree, 2, b"SECRET-2")
+    change(writer, tree, 3, b"SECRET-3")
+    clock.now += 0.2
+    writer.maintain()
+    assert failures and (target / failures[0]).is_dir()  # the first try failed
+    clock.now += housekeeping.REMOVE_RETRY
+    writer.maintain()
+    assert not (target / failures[0]).exists()
+    for path in target.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert path.read_bytes() in (b"SECRET-3", b"o", b""), path
+
+
+def test_thousands_of_directories_under_a_low_open_files_limit(tmp_path: Path) -> None:
+    """One open descriptor per directory would fail the change with EMFILE for ever."""
+    script = textwrap.dedent(f"""
+        import resource
+        from pathlib import Path
+        from etcd_config_dispenser.keys import KeyTree
+        from etcd_config_dispenser.snapshot import SnapshotWriter
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        writer = SnapshotWriter(Path({str(tmp_path / "config")!r}))
+        writer.recover()
+        tree = KeyTree()
+        changed = set()
+        for i in range(1500):
+            changed |= tree.put(f"d{{i}}/k", b"1")
+        writer.publish(tree.files, changed, 1)
+        writer.settle()
+        writer.maintain()
+        changed = set()
+        for i in range(1500, 2600):
+            changed |= tree.put(f"d{{i}}/k", b"2")
+        assert writer.publish(tree.files, changed, 2)
+        writer.settle()
+        writer.maintain()
+        print(len(list(Path({str(tmp_path / "config")!r}).glob("d*/k"))))
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "2600"
