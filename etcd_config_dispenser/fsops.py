@@ -45,27 +45,33 @@ def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def remove_at(dir_fd: int, name: str) -> None:
+def remove_at(dir_fd: int, name: str, most: int | None = None) -> bool:
     """Remove the entry ``name`` of a directory: a file, a link or a whole tree.
 
     Links are removed, never followed; a missing entry is fine. Iterative, so
-    the depth of the tree does not matter.
+    the depth of the tree does not matter. ``most``: stop after removing about
+    that many entries (a big tree takes a while: others may go first); returns
+    whether it is all gone, and the next call goes on where this one stopped.
     """
     st = lstat_at(dir_fd, name)
     if st is None:
-        return
+        return True
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
-        return
+        return True
+    budget = most if most is not None else -1
     stack = [(open_dir(name, dir_fd), dir_fd, name)]  # (directory, its parent, its name)
     try:
         while stack:
             fd, parent, dname = stack[-1]
             for entry in os.scandir(fd):
+                if budget == 0:
+                    return False
                 if entry.is_dir(follow_symlinks=False):
                     stack.append((open_dir(entry.name, fd), fd, entry.name))
                     break
                 os.unlink(entry.name, dir_fd=fd)
+                budget -= 1
             else:  # empty now
                 stack.pop()
                 os.close(fd)
@@ -73,6 +79,7 @@ def remove_at(dir_fd: int, name: str) -> None:
     finally:
         for fd, _parent, _name in stack:
             os.close(fd)
+    return True
 
 
 def walk(dir_fd: int) -> Iterator[tuple[str, os.DirEntry[str]]]:

@@ -20,6 +20,9 @@ from .links import TopLinks
 log = logging.getLogger(__name__)
 
 REMOVE_RETRY = 1.0  # seconds before removing an old snapshot is tried again
+# Entries removed in one step: removing 10,000 files takes up to a second on a
+# busy disk, and a change must not wait for it (the publisher checks between).
+REMOVE_STEP = 256
 
 
 def discard(target_fd: int, *names: str) -> None:
@@ -55,9 +58,12 @@ class Housekeeper:
         Errors are logged and the rest still runs; it is tried again next time.
         """
         due = self.ledger.housekeeping(self.clock())
-        for name in due.delete:
+        for i, name in enumerate(due.delete):
             try:
-                remove_at(self._fd, name)
+                if not remove_at(self._fd, name, REMOVE_STEP):  # a big one: a step at a time
+                    for rest in due.delete[i:]:
+                        self.ledger.doomed[rest] = self.clock()
+                    return self.clock()  # more now, unless a change comes first
             except OSError as err:  # never forgotten: it may hold values etcd dropped
                 log.warning("could not remove old snapshot %r: %s; trying again", name, err)
                 self.ledger.doomed[name] = self.clock() + REMOVE_RETRY
@@ -66,7 +72,7 @@ class Housekeeper:
                 self._catch_up(spare, paths)
             self._maker.fill_pool(self._fd)
             live = self.ledger.live
-            if live is not None and not self.ledger.spares:
+            if live is not None and not self.ledger.spares and self.ledger.max_spares > 0:
                 self._prepare_spare(live)
         except OSError as err:
             log.warning("could not prepare for the next change: %s", err)

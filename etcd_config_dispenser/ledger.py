@@ -57,6 +57,7 @@ class Ledger:
         self.journal: list[frozenset[str]] = []
         self.base = 0  # sequence of journal[0]
         self.dirty: set[str] = set()
+        self.live_since: float | None = None  # when the live one became live
 
     @property
     def seq(self) -> int:
@@ -101,6 +102,7 @@ class Ledger:
                 self.adopted = None
         self.journal.append(frozenset(changed) if old is not None else frozenset())
         self.live = Snap(name, self.seq, revision)
+        self.live_since = now
         self.dirty = set()
 
     def failed(self, paths: Collection[str]) -> None:
@@ -141,7 +143,9 @@ class Ledger:
                 due.delete.append(name)
                 del self.doomed[name]
         ready = [s for s in self.spares if self._past_grace(s, now) and s is not protected]
-        for spare in ready[: max(0, len(self.spares) - self.max_spares)]:  # oldest first
+        quiet = self.live is None or now - (self.live_since or 0.0) >= self.grace
+        excess = len(self.spares) - self.max_spares if quiet else 0  # a burst keeps them
+        for spare in ready[: max(0, excess)]:  # oldest first
             self.spares.remove(spare)
             due.delete.append(spare.name)
         if self.live is not None:
@@ -156,6 +160,8 @@ class Ledger:
             if s.retired_at is not None and not self._past_grace(s, now)
         ]
         waits += [when for when in self.doomed.values() if when > now]
+        if not quiet and len(self.spares) > self.max_spares and self.live_since is not None:
+            waits.append(self.live_since + self.grace)  # the burst's extra spares go then
         due.next_due = max(min(waits), now + 1e-3) if waits else None
         return due
 

@@ -176,7 +176,7 @@ class SnapshotWriter:
                 ledger.doomed[spare[0].name] = now
             ledger.failed(delta if first else changed)  # owed: the next publish tries again
             raise SnapshotError(err.errno, f"snapshot r{revision} not published: {err}") from err
-        ledger.published(name, revision, changed, now)
+        ledger.published(name, revision, changed, self.clock())  # retired from the flip on
         ledger.failed(result.failed)
         present = {p: p in files and p not in result.failed for p in delta}
         self._links.update(self._fd, present, first, f"r{revision}")  # (6)

@@ -97,11 +97,11 @@ def test_an_old_snapshot_that_could_not_be_removed_is_removed_later(
     real_remove = housekeeping.remove_at
     failures = []
 
-    def failing_remove(fd: int, name: str) -> None:
+    def failing_remove(fd: int, name: str, most: int | None = None) -> bool:
         if is_snapshot_name(name) and not failures:
             failures.append(name)
             raise OSError(30, "Read-only file system")
-        real_remove(fd, name)
+        return real_remove(fd, name, most)
 
     monkeypatch.setattr(housekeeping, "remove_at", failing_remove)
     change(writer, tree, 2, b"SECRET-2")
@@ -147,3 +147,26 @@ def test_thousands_of_directories_under_a_low_open_files_limit(tmp_path: Path) -
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "2600"
+
+
+def test_a_big_old_snapshot_is_removed_a_step_at_a_time(tmp_path: Path) -> None:
+    """Removing 10,000 files can take a second: a change must not wait behind it."""
+    clock = Clock()
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target, clock=clock, grace=0.1, max_spares=0)
+    writer.recover()
+    tree = KeyTree()
+    for i in range(3 * housekeeping.REMOVE_STEP):
+        tree.put(f"k{i}", b"1")
+    writer.publish(tree.files, set(tree.files), 1)
+    writer.settle()
+    writer.maintain()
+    change(writer, tree, 2, b"2")
+    clock.now += 0.2  # past the grace: the retired one (and the spare) may go
+    snapshots = lambda: sorted(n for n in os.listdir(target) if is_snapshot_name(n))  # noqa: E731
+    before = snapshots()
+    steps = 0
+    while (due := writer.maintain()) is not None and due <= clock.now and steps < 100:
+        steps += 1  # "more now": the publisher looks at its inbox between steps
+    assert steps >= 2, "all removed in one go"
+    assert len(snapshots()) == 1 and len(before) > 1
