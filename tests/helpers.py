@@ -28,6 +28,16 @@ def txn_put(client: etcd3.Etcd3Client, prefix: str, items: Mapping[str, bytes]) 
     client.transaction(compare=[], success=ops, failure=[])
 
 
+class Clock:
+    """A monotonic clock that moves only when a test moves it (``now``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def http_get(port: int, path: str) -> tuple[int, str]:
     """(status, body) of a GET on the health server; (0, why) if it does not answer."""
     try:

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import EtcdServer, dir_files, read_tree
+from helpers import Clock, EtcdServer, dir_files, read_tree
 
 from etcd_config_dispenser import snapshot
 from etcd_config_dispenser.events import Batch, FullRead
@@ -21,14 +21,6 @@ from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.layout import DATA_LINK, TMP_LINK
 from etcd_config_dispenser.links import TopLinks
 from etcd_config_dispenser.snapshot import SnapshotWriter
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_new_files_and_their_directory_are_synced_before_the_flip(

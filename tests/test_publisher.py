@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import busy_wait, read_tree, snapshot_dirs
+from helpers import Clock, busy_wait, read_tree, snapshot_dirs
 
 from etcd_config_dispenser import publisher as publisher_module
 from etcd_config_dispenser.events import Batch, Change, Ended, Event, FullRead
@@ -45,16 +45,6 @@ def full(revision: int, **files: bytes) -> FullRead:
     return FullRead(
         revision, [(PREFIX + k.replace("__", "/").encode(), v) for k, v in files.items()]
     )
-
-
-class Clock:
-    """A monotonic clock that moves only when told: the publisher's and the writer's."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Inbox(queue.Queue[Event]):

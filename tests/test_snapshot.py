@@ -9,21 +9,13 @@ import stat
 from pathlib import Path
 
 import pytest
-from helpers import dir_files, read_tree, snapshot_dirs
+from helpers import Clock, dir_files, read_tree, snapshot_dirs
 
 from etcd_config_dispenser.filemaker import dir_mode
 from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.layout import DATA_LINK, TMP_LINK
 from etcd_config_dispenser.recovery import TargetRefused
 from etcd_config_dispenser.snapshot import SnapshotError, SnapshotWriter
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def assert_only_kept(target: Path, writer: SnapshotWriter) -> None:

@@ -13,20 +13,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import read_tree
+from helpers import Clock, read_tree
 
 from etcd_config_dispenser import housekeeping
 from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.layout import POOL_DIR, is_snapshot_name
 from etcd_config_dispenser.snapshot import SnapshotWriter
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def started(tmp_path: Path, **kwargs: object) -> tuple[Path, SnapshotWriter, KeyTree]:
