@@ -15,7 +15,7 @@ import ctypes.util
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -80,6 +80,27 @@ def remove_at(dir_fd: int, name: str, most: int | None = None) -> bool:
         for fd, _parent, _name in stack:
             os.close(fd)
     return True
+
+
+Stamps = frozenset[tuple[str, int, int]]
+
+
+def stamps(dir_fd: int, name: str, dirs: Iterable[str]) -> Stamps:
+    """(path, inode, mtime in ns) of a tree's root and of ``dirs`` below it, by lstat.
+
+    A directory's mtime changes whenever an entry in it is added, removed or
+    replaced: equal stamps later mean nobody changed what the tree holds
+    (a link or a missing directory stamps as inode 0).
+    """
+    out = set()
+    for rel in ("", *dirs):
+        try:
+            st = os.lstat(f"{name}/{rel}" if rel else name, dir_fd=dir_fd)
+            ok = stat.S_ISDIR(st.st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            ok = False
+        out.add((rel, st.st_ino, st.st_mtime_ns) if ok else (rel, 0, 0))
+    return frozenset(out)
 
 
 def walk(dir_fd: int) -> Iterator[tuple[str, os.DirEntry[str]]]:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from .filemaker import FileMaker
-from .fsops import Tree, open_dir, remove_at
+from .fsops import Tree, open_dir, remove_at, stamps
 from .layout import snapshot_name
 from .ledger import Ledger, Snap
 from .links import TopLinks
@@ -70,6 +70,9 @@ class Housekeeper:
         try:
             for spare, paths in due.catch_up:
                 self._catch_up(spare, paths)
+            for spare in self.ledger.spares:  # retired since: as we left them
+                if spare.stamps is None:
+                    spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
             self._maker.fill_pool(self._fd)
             live = self.ledger.live
             if live is not None and not self.ledger.spares and self.ledger.max_spares > 0:
@@ -102,6 +105,7 @@ class Housekeeper:
             self.ledger.doomed[spare.name] = self.clock()
             raise
         self.ledger.caught_up(spare)
+        spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
 
     def _prepare_spare(self, live: Snap) -> None:
         """A hard-linked copy of the live snapshot, so the next change finds a spare.
@@ -118,4 +122,5 @@ class Housekeeper:
         except OSError:
             discard(self._fd, name)
             raise
-        self.ledger.add_spare(Snap(name, live.seq, live.revision))
+        made = stamps(self._fd, name, self._links.dirs)
+        self.ledger.add_spare(Snap(name, live.seq, live.revision, None, made))

@@ -93,7 +93,7 @@ def top_level(path: str) -> str:
     return path.split("/", 1)[0]
 
 
-def _ancestors(path: str) -> Iterable[str]:
+def ancestors(path: str) -> Iterable[str]:
     """'a/b/c' -> 'a', 'a/b'."""
     index = path.find("/")
     while index != -1:
@@ -122,7 +122,7 @@ class KeyTree:
 
     def shadowing_key(self, path: str) -> str | None:
         """The shallower key that hides ``path``, if any."""
-        for ancestor in _ancestors(path):
+        for ancestor in ancestors(path):
             if ancestor in self.values:
                 return ancestor
         return None

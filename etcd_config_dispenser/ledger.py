@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from .fsops import Stamps
+
 
 @dataclass
 class Snap:
@@ -33,6 +35,7 @@ class Snap:
     seq: int
     revision: int
     retired_at: float | None = None  # monotonic time it stopped being live; None: never live
+    stamps: Stamps | None = None  # its directories when we last changed it (see fsops.stamps)
 
 
 @dataclass

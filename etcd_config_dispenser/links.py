@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from .fsops import lstat_at, remove_at
-from .keys import top_level
+from .keys import ancestors, top_level
 from .layout import TMP_TOP_LINK, top_link_text
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class TopLinks:
 
     def __init__(self) -> None:
         self.live_paths: set[str] = set()  # every file of the live snapshot
+        self.dirs: Counter[str] = Counter()  # its directories, with the files below each
         self._counts: Counter[str] = Counter()  # files per top-level name
         self._links: set[str] = set()  # links that exist on disk
         self._dirty = False  # a link operation failed: reconcile every name next time
@@ -32,8 +33,7 @@ class TopLinks:
     def adopt(self, links: Iterable[str], live_paths: Iterable[str]) -> None:
         """What a previous process left: its links and its live snapshot's files."""
         self._links = set(links)
-        self.live_paths = set(live_paths)
-        self._counts = Counter(top_level(p) for p in self.live_paths)
+        self._reset(set(live_paths))
 
     def update(self, target_fd: int, present: Mapping[str, bool], reset: bool, when: str) -> None:
         """The live snapshot changed: ``present`` says, for each path that may have changed,
@@ -55,8 +55,7 @@ class TopLinks:
     def _track(self, present: Mapping[str, bool], reset: bool) -> set[str]:
         """Update the live paths and per-name counts (memory only); the top names affected."""
         if reset:
-            self.live_paths = {p for p, there in present.items() if there}
-            self._counts = Counter(top_level(p) for p in self.live_paths)
+            self._reset({p for p, there in present.items() if there})
             return set(self._counts) | self._links
         affected = set()
         for rel, now in present.items():
@@ -64,13 +63,22 @@ class TopLinks:
                 continue
             top = top_level(rel)
             affected.add(top)
+            step = 1 if now else -1
             if now:
                 self.live_paths.add(rel)
-                self._counts[top] += 1
             else:
                 self.live_paths.discard(rel)
-                self._counts[top] -= 1
+            self._counts[top] += step
+            for directory in ancestors(rel):
+                self.dirs[directory] += step
+                if not self.dirs[directory]:
+                    del self.dirs[directory]
         return affected
+
+    def _reset(self, live_paths: set[str]) -> None:
+        self.live_paths = live_paths
+        self._counts = Counter(top_level(p) for p in live_paths)
+        self.dirs = Counter(d for p in live_paths for d in ancestors(p))
 
     def _sync(self, target_fd: int, affected: set[str]) -> None:
         """Keep one ``name -> ..data/name`` link per top-level name that has files."""

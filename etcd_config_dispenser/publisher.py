@@ -20,7 +20,7 @@ from .events import Ended, Event, FullRead
 from .health import Stats
 from .intake import KeyIntake
 from .keys import show
-from .snapshot import Published, SnapshotError, SnapshotWriter
+from .snapshot import Published, SnapshotError, SnapshotWriter, max_key_path
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Publisher:
         self.wait = wait  # (quiet, most) seconds, or None: publish every change at once
         self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
         self.clock = clock
-        self.keys = KeyIntake(prefix, writer.max_key_path)
+        self.keys = KeyIntake(prefix, max_key_path(writer.target))
         self._rejected: tuple[int, str] | None = None  # --check failed, not yet put back
         self.first_sync = threading.Event()  # a snapshot is live: the child may start
         self.done = threading.Event()  # the thread has ended

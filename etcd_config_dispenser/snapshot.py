@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import recovery
-from .filemaker import FileMaker, has_file
-from .fsops import Tree, files_in, open_dir, remove_at, syncfs
+from .filemaker import ABSENT, FileMaker, has_file
+from .fsops import Tree, files_in, open_dir, remove_at, stamps, syncfs
 from .housekeeping import Housekeeper, discard
 from .keys import MAX_PATH
 from .layout import DATA_LINK, SNAPSHOT_NAME_MAX, TMP_LINK, snapshot_name
-from .ledger import Ledger
+from .ledger import Ledger, Snap
 from .links import TopLinks
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,6 @@ class SnapshotWriter:
         return found.live
 
     @property
-    def max_key_path(self) -> int:
-        """The longest key path that still fits PATH_MAX below a snapshot directory."""
-        return MAX_PATH - len(os.fsencode(self.target)) - SNAPSHOT_NAME_MAX - 2
-
-    @property
     def serving(self) -> str | None:
         """The live snapshot's name, whoever wrote it."""
         live = self.ledger.live
@@ -153,7 +148,7 @@ class SnapshotWriter:
             return None
         now = self.clock()
         name = snapshot_name(revision)
-        spare = ledger.take_spare(now)  # (2)
+        spare = _verified_spare(self._fd, ledger, now)  # (2)
         delta: set[str] = set(files) if first else changed
         renamed = False  # the spare is ``name`` now: removed with it on failure
         try:
@@ -165,9 +160,8 @@ class SnapshotWriter:
                 self._maker.mkdir(self._fd, name)
             else:
                 assert self.serving is not None
-                paths = self._links.live_paths
-                missing = self._maker.copy(self._fd, self.serving, name, paths, sync=True)
-                delta = changed | set(missing)  # lost from the live one: written anew
+                copy = (self._maker, self._fd, self.serving, self._links.live_paths)
+                delta = _copy_live(*copy, name, files, changed)
             result = self._fill(name, files, delta, changed, first)  # (3), (4)
             self._flip(name)  # (5)
         except OSError as err:
@@ -195,7 +189,12 @@ class SnapshotWriter:
         """Steps 3 and 4 in the directory ``name``."""
         result = Published(name)
         live = None if first else self.serving
-        source = Tree(open_dir(live, self._fd)) if live is not None else None
+        try:
+            source = Tree(open_dir(live, self._fd)) if live is not None else None
+        except OSError as err:  # replaced by someone: every file is written instead
+            if err.errno not in ABSENT:
+                raise
+            source = None
         pool = self._maker.open_pool(self._fd) if not first else None
         written: list[int] = []
         try:
@@ -284,3 +283,43 @@ class SnapshotWriter:
     def kept_dirs(self) -> list[str]:
         """Snapshot directories this writer knows of: live, spares, and those to delete."""
         return self.ledger.names()
+
+
+def max_key_path(target: Path) -> int:
+    """The longest key path that still fits PATH_MAX below a snapshot directory."""
+    return MAX_PATH - len(os.fsencode(target)) - SNAPSHOT_NAME_MAX - 2
+
+
+def _verified_spare(target_fd: int, ledger: Ledger, now: float) -> tuple[Snap, set[str]] | None:
+    """The spare to use, if one is ready and still as we left it (nobody added,
+    removed or replaced an entry in its directories since)."""
+    while (spare := ledger.take_spare(now)) is not None:
+        made = spare[0].stamps
+        if made is None or stamps(target_fd, spare[0].name, (r for r, *_ in made)) == made:
+            return spare
+        log.warning("snapshot %r was changed by someone else: not used", spare[0].name)
+        ledger.doomed[spare[0].name] = now
+    return None
+
+
+def _copy_live(
+    maker: FileMaker,
+    target_fd: int,
+    live: str,
+    paths: Collection[str],
+    name: str,
+    files: Mapping[str, bytes],
+    changed: set[str],
+) -> set[str]:
+    """A new directory ``name`` with the live files as hard links; the paths still to
+    write (all of them, if the live snapshot is no longer a directory of ours)."""
+    try:
+        missing = maker.copy(target_fd, live, name, paths, sync=True)
+    except OSError as err:
+        if err.errno not in ABSENT:
+            raise
+        log.warning("live snapshot %r is gone or replaced: writing every file", live)
+        discard(target_fd, name)
+        maker.mkdir(target_fd, name)
+        return set(files)
+    return changed | set(missing)  # lost from the live one: written anew

@@ -7,6 +7,7 @@ Writer-level tests on a real filesystem (a temporary directory), no etcd.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -162,3 +163,51 @@ def test_a_big_old_snapshot_is_removed_a_step_at_a_time(tmp_path: Path) -> None:
         steps += 1  # "more now": the publisher looks at its inbox between steps
     assert steps >= 2, "all removed in one go"
     assert len(snapshots()) == 1 and len(before) > 1
+
+
+@pytest.mark.parametrize("what", ["subdirectory made a link out", "file added", "file replaced"])
+def test_a_spare_changed_by_someone_else_is_never_made_live(tmp_path: Path, what: str) -> None:
+    """Only the paths of a change are rewritten in a reused spare: the rest must be as
+    the writer left it, or a link planted there would be served."""
+    clock = Clock()
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target, clock=clock, grace=0.1)
+    writer.recover()
+    tree = KeyTree()
+    writer.publish(tree.files, tree.put("sub/a", b"A") | tree.put("k", b"1"), 1)
+    writer.settle()
+    writer.maintain()  # a spare is prepared
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a").write_bytes(b"SENTINEL")
+    live = os.readlink(target / "..data")
+    for spare in (n for n in os.listdir(target) if is_snapshot_name(n) and n != live):
+        if what == "subdirectory made a link out":
+            os.rename(target / spare / "sub", tmp_path / "moved-away")
+            os.symlink(outside, target / spare / "sub")
+        elif what == "file added":
+            (target / spare / "evil").write_bytes(b"include /evil;")
+        else:
+            (target / spare / "sub" / "a").unlink()
+            os.symlink(outside / "a", target / spare / "sub" / "a")
+    change(writer, tree, 2, b"2")
+    assert read_tree(target) == {"sub/a": b"A", "k": b"2"}
+    assert sorted(os.listdir(target / "..data")) == ["k", "sub"]
+    assert os.path.realpath(target / "sub" / "a").startswith(str(target))
+    assert (outside / "a").read_bytes() == b"SENTINEL"
+
+
+def test_a_live_snapshot_replaced_by_someone_else_is_written_anew(tmp_path: Path) -> None:
+    target, writer, tree = started(tmp_path, grace=0.0)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    live = os.readlink(target / "..data")
+    for name in os.listdir(target):  # no spare either: the change must copy the live one
+        if is_snapshot_name(name) and name != live:
+            shutil.rmtree(target / name)
+    os.rename(target / live, tmp_path / "moved-away")
+    os.symlink(outside, target / live)
+    writer.ledger.spares.clear()
+    change(writer, tree, 2, b"NEW")
+    assert read_tree(target) == {"k": b"NEW", "other": b"o"}
+    assert list(outside.iterdir()) == []
