@@ -45,10 +45,10 @@ lint: install
 	$(BIN)/mypy
 
 demo: deps install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.demo
 
 bench: deps install
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python -m scripts.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-run

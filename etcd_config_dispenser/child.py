@@ -37,20 +37,22 @@ WAIT_STEP = 1.0  # seconds between checks when no signal arrives
 PR_SET_CHILD_SUBREAPER = 36
 # A signal in the child's first moments can kill it: nginx still parsing its
 # config has no SIGHUP handler yet, and SIGHUP's default action is to exit.
-# So a change waits until the child catches (or ignores) the signal, as Linux
+# So a change waits until the child catches, ignores or blocks the signal, as Linux
 # shows in /proc/PID/status, polled every SETTLE_POLL; a child that has not
-# after START_SETTLE_MAX since its start gets the signal anyway. Without /proc,
-# a change waits until START_SETTLE after the start.
+# after START_SETTLE_MAX since its start gets the signal anyway (a program
+# waiting in sigwait shows the signal neither caught nor blocked while it
+# waits). Without /proc, a change waits until START_SETTLE after the start.
 START_SETTLE = 1.0
-START_SETTLE_MAX = 10.0
+START_SETTLE_MAX = 2.0
 SETTLE_POLL = 0.005
 # Signals whose default action is to do nothing: never worth waiting for.
 HARMLESS = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT})
 
 
 def handles(pid: int, signum: int) -> bool | None:
-    """Whether process ``pid`` catches or ignores ``signum`` (SigCgt/SigIgn in
-    /proc/PID/status); None if that cannot be read."""
+    """Whether process ``pid`` catches, ignores or blocks ``signum`` (SigCgt, SigIgn,
+    SigBlk in /proc/PID/status: blocked, it waits for the program, as with sigwait);
+    None if that cannot be read."""
     try:
         with open(f"/proc/{pid}/status") as status:
             text = status.read()
@@ -58,7 +60,7 @@ def handles(pid: int, signum: int) -> bool | None:
         return None
     bit, masks = 1 << (signum - 1), 0
     for line in text.splitlines():
-        if line.startswith(("SigCgt:", "SigIgn:")):
+        if line.startswith(("SigCgt:", "SigIgn:", "SigBlk:")):
             masks |= int(line.split(":", 1)[1], 16)
     return bool(masks & bit)
 

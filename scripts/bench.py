@@ -36,16 +36,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import EtcdServer  # the tests' real etcd, on free ports
+from devtools.local import EtcdServer  # the tests' real etcd, on free ports
 
+# The child stamps CLOCK_MONOTONIC in its SIGHUP handler, as nginx would reload in its.
 CHILD = """
-import os, signal, sys, time
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+import os, signal, time
+signal.signal(signal.SIGHUP, lambda *_: os.write(1, b"hup %d\\n" % time.monotonic_ns()))
 os.write(1, b"start %d\\n" % time.monotonic_ns())
 while True:
-    signal.sigwait({signal.SIGHUP})
-    os.write(1, b"hup %d\\n" % time.monotonic_ns())
+    signal.pause()
 """
 VALUE_SIZE = 1024
 

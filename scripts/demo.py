@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import (  # the tests' own real etcd and nginx set-up
+from devtools.local import (  # the tests' own real etcd and nginx set-up
     CERT_NAME,
     KEY_NAME,
     EtcdServer,

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import busy_wait
+from helpers import busy_wait, stop_process
+
+from etcd_config_dispenser.child import START_SETTLE_MAX
 
 HARNESS = Path(__file__).with_name("child_harness.py")
 
@@ -44,14 +46,7 @@ def _stop_harnesses() -> Iterator[None]:
     """Even when a test fails midway: SIGTERM (forwarded to the child), then SIGKILL."""
     yield
     while _started:
-        proc = _started.pop()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(_started.pop(), timeout=3)
 
 
 def start(*command: str, kill_timeout: float = 5.0, hup_now: bool = False) -> subprocess.Popen[str]:
@@ -185,6 +180,24 @@ def test_a_signal_goes_out_as_soon_as_the_child_handles_it() -> None:
     assert (
         stamps["got"] - stamps["ready"] < 0.5
     )  # the old fixed 1 s settle would make this >= ~0.9 s
+    proc.terminate()
+    assert proc.wait(10) == 128 + signal.SIGTERM
+
+
+def test_a_child_that_never_catches_the_signal_gets_it_within_the_bound() -> None:
+    """Collected with sigwait (as tini or this dispenser do), the signal shows neither
+    caught nor blocked while the program waits: it goes out START_SETTLE_MAX after the
+    start at the latest, not never."""
+    script = (
+        "import signal,time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP}); "
+        "print('ready', time.monotonic(), flush=True); signal.sigwait({signal.SIGHUP}); "
+        "print('got', time.monotonic(), flush=True); time.sleep(5)"
+    )
+    proc = start(sys.executable, "-c", script, hup_now=True)
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline().split() for _ in range(2)]
+    stamps = {words[0]: float(words[-1]) for words in lines}
+    assert stamps["got"] - stamps["ready"] < START_SETTLE_MAX + 0.5
     proc.terminate()
     assert proc.wait(10) == 128 + signal.SIGTERM
 

@@ -1,0 +1,1 @@
+"""Development support: real local processes for the tests, the demo and the benchmark."""
