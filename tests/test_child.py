@@ -43,10 +43,14 @@ _started: list[subprocess.Popen[str]] = []
 
 @pytest.fixture(autouse=True)
 def _stop_harnesses() -> Iterator[None]:
-    """Even when a test fails midway: SIGTERM (forwarded to the child), then SIGKILL."""
+    """Even when a test fails midway: SIGTERM (forwarded to the child), then SIGKILL; then
+    whatever is left of the harness's session (its child outlives a harness that died)."""
     yield
     while _started:
-        stop_process(_started.pop(), timeout=3)
+        proc = _started.pop()
+        stop_process(proc, timeout=3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def start(*command: str, kill_timeout: float = 5.0, hup_now: bool = False) -> subprocess.Popen[str]:
@@ -62,6 +66,7 @@ def start(*command: str, kill_timeout: float = 5.0, hup_now: bool = False) -> su
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group: torn down whole, see above
     )
     _started.append(proc)
     return proc
