@@ -62,11 +62,13 @@ them reaches CMD):
 
 from __future__ import annotations
 
+import difflib
 import grp
 import json
 import logging
 import os
 import pwd
+import re
 import signal
 import sys
 import time
@@ -88,9 +90,57 @@ class UsageError(ValueError):
     """A bad flag. The message names the flag and the value."""
 
 
+# "  -p, --prefix=PREFIX  ..." in the usage: (short, long, takes a value).
+_OPTION_LINE = re.compile(r"^  (?:(-\w), )?(--[\w-]+)(=)?", re.MULTILINE)
+
+
+def _options() -> dict[str, tuple[str, bool]]:
+    """Every option of the usage, short and long: its long name and whether it takes a value."""
+    found: dict[str, tuple[str, bool]] = {}
+    for short, long, value in _OPTION_LINE.findall(USAGE.split("Options:", 1)[1]):
+        for name in (short, long):
+            if name:
+                found[name] = (long, bool(value))
+    return found
+
+
+def _split(argv: list[str]) -> tuple[list[str], int]:
+    """The names of the dispenser's own options, and where the child's words begin: at
+    ``--`` or the first word that is not an option (as tini and env do it, so that
+    ``... nginx -g 'daemon off;'`` needs no ``--``)."""
+    options = _options()
+    names: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            break
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        names.append(name)
+        value_follows = name in options and options[name][1] and arg == name
+        i += 2 if value_follows else 1
+    return names, i
+
+
+def _check_flags(argv: list[str]) -> None:
+    """One line for what docopt would say badly: an unknown flag (and what it may have
+    meant), or a flag given twice."""
+    options = _options()
+    seen: set[str] = set()
+    for name in _split(argv)[0]:
+        if name not in options:
+            close = difflib.get_close_matches(name, [o for o in options if o.startswith("--")], 1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UsageError(f"unknown option {name}{hint}")
+        long = options[name][0]
+        if long in seen:
+            raise UsageError(f"{long} is given twice")
+        seen.add(long)
+
+
 def _missing_flag(argv: list[str]) -> str | None:
     """docopt's message for a missing required flag names none: name it."""
-    given = argv[: argv.index("--")] if "--" in argv else argv
+    given = argv[: _split(argv)[1]]
     if any(arg in ("-h", "--help", "--version") for arg in given):
         return None
     for long, short in (("--prefix", "-p"), ("--target", "-t")):
@@ -225,8 +275,9 @@ def setup_logging(level: str, form: str) -> None:
 
 def parse_args(argv: list[str] | None) -> Options:
     """The docopt usage above is the one source of the flags; raise UsageError."""
+    _check_flags(argv or [])
     try:
-        args = docopt(USAGE, argv=argv, version=f"{PROG} {__version__}")
+        args = docopt(USAGE, argv=argv, version=f"{PROG} {__version__}", options_first=True)
     except DocoptExit as err:
         raise UsageError(_missing_flag(argv or []) or str(err).splitlines()[0]) from None
     uid = parse_id(args["--owner"], "--owner", "user")

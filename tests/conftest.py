@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
+# devtools/ (the local processes shared with the scripts) from the repository, but
+# appended: the package itself must come from the installed copy, as users get it.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
 from helpers import DispenserProcess, EtcdServer
 
 

@@ -50,6 +50,27 @@ def test_defaults_and_the_child_command() -> None:
     assert options.kill_timeout == 10.0
 
 
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        (["-p", "/c", "-t", "t", "sh", "-c", "exit 4"], ["sh", "-c", "exit 4"]),
+        (["-p", "/c", "-t", "t", "nginx", "-g", "daemon off;"], ["nginx", "-g", "daemon off;"]),
+        (["-p", "/c", "-t", "t", "--", "nginx", "-g", "x"], ["nginx", "-g", "x"]),
+        (["-p", "/c", "-t", "t", "-s", "HUP", "postgres", "-c", "a=b"], ["postgres", "-c", "a=b"]),
+        (["-p/c", "-tt", "-sHUP", "cmd", "--prefix=/other"], ["cmd", "--prefix=/other"]),
+        (["--prefix", "/c", "--target", "t", "cmd", "--", "x"], ["cmd", "--", "x"]),
+    ],
+    ids=["sh -c", "nginx -g", "--", "postgres -c", "attached values", "child's own --"],
+)
+def test_options_stop_at_the_first_word_that_is_not_one(
+    argv: list[str], command: list[str]
+) -> None:
+    """As tini, dumb-init and env: the child's flags are the child's, with or without --."""
+    options = parse_args(argv)
+    assert options.command == command
+    assert options.prefix == b"/c/" and options.target.name == "t"
+
+
 def test_owner_and_group_by_name_and_number() -> None:
     options = parse_args(["-p", "/x", "-t", "o", "--owner=root", "--group=0", "--mode=0644"])
     assert (options.uid, options.gid, options.mode) == (0, 0, 0o644)
@@ -84,7 +105,12 @@ def test_bad_values_name_the_flag(args: list[str], flag: str) -> None:
         (["--prefix=/x"], "--target is required"),
         (["-t", "o"], "--prefix is required"),
         ([], "--prefix is required"),
-        (["--prefix=/x", "--target=o", "--no-such-flag"], "--no-such-flag"),
+        (["--prefix=/x", "--target=o", "--no-such-flag"], "unknown option --no-such-flag"),
+        (["--prefx=/x", "--target=o"], "unknown option --prefx (did you mean --prefix?)"),
+        (["--prefix=/x", "--target=o", "--bogus"], "unknown option --bogus"),
+        (["-p", "/x", "-t", "o", "--prefix=/y"], "--prefix is given twice"),
+        (["-p", "/x", "-t", "o", "-t", "p"], "--target is given twice"),
+        (["-p", "/x", "-t", "o", "-x"], "unknown option -x"),
         (["--prefix=/x", "--target=o", "--owner=no-such-user-here"], "--owner"),
     ],
 )

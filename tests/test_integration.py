@@ -369,3 +369,10 @@ def test_backoff_grows_with_jitter_and_never_passes_the_cap(target: Path) -> Non
     assert sleeps[0] < 0.25  # it starts small...
     assert all(s >= 0.4 for s in sleeps[4:])  # ...and its steady half reaches cap/2
     assert len({round(s, 6) for s in sleeps[4:]}) > 1  # and the other half is random
+
+
+def test_the_child_needs_no_double_dash(etcd: object, prefix: str, dispenser: Start) -> None:
+    """`... sh -c 'exit 4'` once took -c as --check, ran sh with no script and exited 0."""
+    etcd.put(prefix + "a", b"1")  # type: ignore[attr-defined]
+    proc = dispenser("sh", "-c", "exit 4")  # the child's words after the options, no --
+    assert proc.wait() == 4, proc.log()
