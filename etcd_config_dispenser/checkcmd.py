@@ -63,8 +63,9 @@ def _wait(pid: int, output: int, tail: bytearray, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     status: int | None = None
     drained = 0
+    poller: select.poll | None = _poller(output)
     while True:
-        ready, _, _ = select.select([output], [], [], 0.0 if status is not None else 0.01)
+        ready = poller.poll(0 if status is not None else 10) if poller else []
         if ready and drained < DRAIN_MAX:
             chunk = os.read(output, 65536)
             if chunk:
@@ -72,8 +73,11 @@ def _wait(pid: int, output: int, tail: bytearray, timeout: float) -> int:
                 del tail[:-CHECK_OUTPUT_MAX]
                 drained += status is not None
                 continue
+            poller = None  # EOF: nothing more will come
         if status is not None:  # exited, and nothing more to read (or EOF)
             return status
+        if poller is None:
+            time.sleep(0.005)
         done, wait_status = os.waitpid(pid, os.WNOHANG)
         if done:
             status = wait_status
@@ -81,3 +85,10 @@ def _wait(pid: int, output: int, tail: bytearray, timeout: float) -> int:
             log.warning("check still running after %.0fs: SIGKILL", timeout)
             os.kill(pid, signal.SIGKILL)
             deadline = float("inf")
+
+
+def _poller(fd: int) -> select.poll:
+    """poll, not select: select fails on a descriptor numbered 1024 or more."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return poller

@@ -92,6 +92,8 @@ class FileMaker:
                         os.close(fd)
             except OSError as err:
                 failed[rel] = blame(tree, err)
+                with contextlib.suppress(OSError):
+                    tree.unlink(rel)  # no older file of the spare stays served in its place
         return failed, count
 
     def write(self, tree: Tree, rel: str, value: bytes, pool: int | None) -> int:

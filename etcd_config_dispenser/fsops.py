@@ -97,7 +97,7 @@ def stamps(dir_fd: int, name: str, dirs: Iterable[str]) -> Stamps:
         try:
             st = os.lstat(f"{name}/{rel}" if rel else name, dir_fd=dir_fd)
             ok = stat.S_ISDIR(st.st_mode)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:  # gone, or a link on the way (ELOOP): not as we left it
             ok = False
         out.add((rel, st.st_ino, st.st_mtime_ns) if ok else (rel, 0, 0))
     return frozenset(out)

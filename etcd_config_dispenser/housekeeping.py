@@ -25,13 +25,17 @@ REMOVE_RETRY = 1.0  # seconds before removing an old snapshot is tried again
 REMOVE_STEP = 256
 
 
-def discard(target_fd: int, *names: str) -> None:
-    """Remove entries of ours that failed half-way; a failure is logged, not raised."""
+def discard(target_fd: int, *names: str) -> list[str]:
+    """Remove entries of ours that failed half-way; the ones that could not be (logged, not
+    raised: the caller dooms them, so they are tried again, never forgotten)."""
+    left = []
     for name in names:
         try:
             remove_at(target_fd, name)
         except OSError as err:
             log.warning("could not remove %r: %s", name, err)
+            left.append(name)
+    return left
 
 
 class Housekeeper:
@@ -66,7 +70,7 @@ class Housekeeper:
                     return self.clock()  # more now, unless a change comes first
             except OSError as err:  # never forgotten: it may hold values etcd dropped
                 log.warning("could not remove old snapshot %r: %s; trying again", name, err)
-                self.ledger.doomed[name] = self.clock() + REMOVE_RETRY
+                self.ledger.doom(name, self.clock() + REMOVE_RETRY)
         try:
             for spare, paths in due.catch_up:
                 self._catch_up(spare, paths)
@@ -80,13 +84,17 @@ class Housekeeper:
         except OSError as err:
             log.warning("could not prepare for the next change: %s", err)
         self.ledger.trim()
-        return due.next_due
+        return self.ledger.next_due(self.clock())  # what failed above is due again too
 
     def _catch_up(self, spare: Snap, paths: set[str]) -> None:
         """Bring a spare past its grace period to the live content: it then holds no value
         that is no longer live, and the next change costs only its own paths."""
         live = self.ledger.live
         assert live is not None
+        made = spare.stamps
+        if made is not None and stamps(self._fd, spare.name, (r for r, *_ in made)) != made:
+            self.ledger.doom(spare.name, self.clock())  # someone changed it: not ours now
+            return
         try:
             with (
                 Tree(open_dir(spare.name, self._fd)) as tree,
@@ -101,8 +109,7 @@ class Housekeeper:
                     raise FileNotFoundError(f"{lost[0]!r} is missing from {live.name!r}")
                 tree.sync()
         except OSError:
-            self.ledger.spares.remove(spare)
-            self.ledger.doomed[spare.name] = self.clock()
+            self.ledger.doom(spare.name, self.clock())
             raise
         self.ledger.caught_up(spare)
         spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
@@ -120,7 +127,8 @@ class Housekeeper:
             if self._maker.copy(self._fd, live.name, name, paths, sync=True):
                 raise FileNotFoundError(f"files are missing from {live.name!r}")
         except OSError:
-            discard(self._fd, name)
+            for left in discard(self._fd, name):
+                self.ledger.doom(left, self.clock())
             raise
         made = stamps(self._fd, name, self._links.dirs)
         self.ledger.add_spare(Snap(name, live.seq, live.revision, None, made))

@@ -156,17 +156,28 @@ class Ledger:
                 ready_now = self._past_grace(spare, now) and spare is not protected
                 if ready_now and spare.seq != self.live.seq:
                     due.catch_up.append((spare, self._since(spare.seq)))
-        # Whatever waits for its time, with the same test as above (no float gap at the edge).
+        due.next_due = self.next_due(now)
+        return due
+
+    def next_due(self, now: float) -> float | None:
+        """When housekeeping is next due: a spare's grace ends, a doomed directory's time
+        comes, a burst is over (monotonic); None if nothing waits."""
+        quiet = self.live is None or now - (self.live_since or 0.0) >= self.grace
+        # The same tests as housekeeping() (no float gap at the edge).
         waits = [
             s.retired_at + self.grace
             for s in self.spares
             if s.retired_at is not None and not self._past_grace(s, now)
         ]
-        waits += [when for when in self.doomed.values() if when > now]
+        waits += list(self.doomed.values())
         if not quiet and len(self.spares) > self.max_spares and self.live_since is not None:
             waits.append(self.live_since + self.grace)  # the burst's extra spares go then
-        due.next_due = max(min(waits), now + 1e-3) if waits else None
-        return due
+        return max(min(waits), now + 1e-3) if waits else None
+
+    def doom(self, name: str, when: float) -> None:
+        """Delete the directory ``name`` from ``when`` on (it is no spare any more)."""
+        self.spares = [s for s in self.spares if s.name != name]
+        self.doomed[name] = when
 
     def caught_up(self, spare: Snap) -> None:
         """``spare`` holds the live content now."""

@@ -13,11 +13,18 @@ import stat
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from .fsops import lstat_at, remove_at
+from .fsops import lstat_at
 from .keys import ancestors, top_level
-from .layout import TMP_TOP_LINK, top_link_text
+from .layout import top_link_text
 
 log = logging.getLogger(__name__)
+
+
+def _is_our_link(target_fd: int, name: str) -> bool:
+    try:
+        return os.readlink(name, dir_fd=target_fd) == top_link_text(name)
+    except OSError:  # not a link, or gone
+        return False
 
 
 class TopLinks:
@@ -86,10 +93,10 @@ class TopLinks:
             if self._counts[top] > 0 and top not in self._links:
                 try:
                     os.symlink(top_link_text(top), top, dir_fd=target_fd)
-                except FileExistsError:  # a dangling one of ours: replace it atomically
-                    remove_at(target_fd, TMP_TOP_LINK)
-                    os.symlink(top_link_text(top), TMP_TOP_LINK, dir_fd=target_fd)
-                    os.rename(TMP_TOP_LINK, top, src_dir_fd=target_fd, dst_dir_fd=target_fd)
+                except FileExistsError:
+                    if not _is_our_link(target_fd, top):  # somebody's: never replaced
+                        log.warning("%r in the target is not ours: its key is not shown", top)
+                        continue
                 self._links.add(top)
             elif self._counts[top] <= 0:
                 self._counts.pop(top, None)

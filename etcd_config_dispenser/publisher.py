@@ -20,7 +20,7 @@ from .events import Ended, Event, FullRead
 from .health import Stats
 from .intake import KeyIntake
 from .keys import show
-from .snapshot import Published, SnapshotError, SnapshotWriter, max_key_path
+from .snapshot import Published, SnapshotWriter, max_key_path
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ class Publisher:
             if owed is not None and (retry_at is None or now >= retry_at):
                 try:
                     self._publish(owed, changed)
-                except SnapshotError as err:
+                except OSError as err:  # SnapshotError, or the target failing us otherwise
+                    self.writer.owe(changed)  # what never reached the writer is owed too
                     failures += 1
                     retry_at = now + retry_delay(failures)
                     self.stats.write_failed(str(err))
@@ -164,7 +165,9 @@ class Publisher:
         first = not self.first_sync.is_set()
         if self._rejected is not None:  # a rejected change is still live: put it back first
             self._reject(*self._rejected, first)
-            return
+            if not changed:
+                return
+            first = not self.first_sync.is_set()
         result = self.writer.publish(self.keys.tree.files, changed, revision)
         if result is None:
             log.debug("r%d: no file changed", revision)
@@ -208,6 +211,7 @@ class Publisher:
         log.error("r%d: check failed with %s; %r is live again, no signal", revision, why, previous)
         if first:  # the child starts, with the snapshot that was put back
             self.first_rejected = True
+            self.stats.first_sync, self.stats.serving = True, previous
             self.first_sync.set()
         self.writer.settle()
 

@@ -8,10 +8,13 @@ anything is removed, so a refused start leaves the target as it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .fsops import NOT_A_DIR, lstat_at, open_dir, remove_at, walk
 from .layout import (
@@ -155,6 +158,19 @@ def inspect(target_fd: int) -> Inventory:
         else:
             inventory.problems.append(f"{name!r} is {_kind(st)}, not what this tool makes there")
     return inventory
+
+
+def open_target(target: Path, make_dir: Callable[[int | None, str], None]) -> tuple[int, Inventory]:
+    """Make the target if it is missing, open it, and clean it (see ``clean``)."""
+    os.makedirs(target.parent, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        make_dir(None, str(target))
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return fd, clean(fd, str(target))
+    except OSError:
+        os.close(fd)
+        raise
 
 
 def clean(target_fd: int, where: str) -> Inventory:

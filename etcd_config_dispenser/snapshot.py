@@ -26,7 +26,6 @@ written or removed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -99,11 +98,7 @@ class SnapshotWriter:
         is removed. The live snapshot keeps being served until the first
         publish replaces it.
         """
-        os.makedirs(self.target.parent, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            self._maker.mkdir(None, str(self.target))
-        self._fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        found = recovery.clean(self._fd, str(self.target))
+        self._fd, found = recovery.open_target(self.target, self._maker.mkdir)
         self._links.adopt(found.links, found.live_files)
         self._housekeeper = Housekeeper(self._fd, self.ledger, self._maker, self._links, self.clock)
         self.ledger.adopted = found.live
@@ -148,10 +143,10 @@ class SnapshotWriter:
             return None
         now = self.clock()
         name = snapshot_name(revision)
-        spare = _verified_spare(self._fd, ledger, now)  # (2)
         delta: set[str] = set(files) if first else changed
-        renamed = False  # the spare is ``name`` now: removed with it on failure
+        renamed, spare = False, None  # renamed: the spare is ``name`` now, gone with it
         try:
+            spare = _verified_spare(self._fd, ledger, now)  # (2)
             if spare is not None:
                 os.rename(spare[0].name, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
                 renamed = True
@@ -165,9 +160,10 @@ class SnapshotWriter:
             result = self._fill(name, files, delta, changed, first)  # (3), (4)
             self._flip(name)  # (5)
         except OSError as err:
-            discard(self._fd, TMP_LINK, name)
+            for left in discard(self._fd, TMP_LINK, name):
+                ledger.doom(left, now)  # tried again by the housekeeping, never forgotten
             if spare is not None and not renamed:  # its content is unknown: never reuse it
-                ledger.doomed[spare[0].name] = now
+                ledger.doom(spare[0].name, now)
             ledger.failed(delta if first else changed)  # owed: the next publish tries again
             raise SnapshotError(err.errno, f"snapshot r{revision} not published: {err}") from err
         ledger.published(name, revision, changed, self.clock())  # retired from the flip on
@@ -240,17 +236,17 @@ class SnapshotWriter:
         try:
             self._flip(name)
         except OSError as err:
-            remove_at(self._fd, TMP_LINK)
+            discard(self._fd, TMP_LINK)
             raise SnapshotError(err.errno, f"could not put {name} back: {err}") from err
         name, paths = self.ledger.rolled_back(self.clock())
-        with Tree(open_dir(name, self._fd)) as tree:
-            if paths is None:  # the previous process's snapshot: read what it holds
-                on_disk = files_in(tree.fd)
-                self._links.update(self._fd, dict.fromkeys(on_disk, True), True, f"back to {name}")
-            else:
-                present = {p: has_file(tree, p) for p in paths}
-                self._links.update(self._fd, present, False, f"back to {name}")
+        present = _present(self._fd, name, paths)
+        if present is not None:  # else live again all the same; the links follow next time
+            self._links.update(self._fd, present, paths is None, f"back to {name}")
         return name
+
+    def owe(self, paths: Collection[str]) -> None:
+        """These paths differ from what is live: the next publish writes them."""
+        self.ledger.failed(paths)
 
     @property
     def can_roll_back(self) -> bool:
@@ -295,10 +291,13 @@ def _verified_spare(target_fd: int, ledger: Ledger, now: float) -> tuple[Snap, s
     removed or replaced an entry in its directories since)."""
     while (spare := ledger.take_spare(now)) is not None:
         made = spare[0].stamps
-        if made is None or stamps(target_fd, spare[0].name, (r for r, *_ in made)) == made:
+        if made is None:  # retired and not looked at since: copy rather than trust it
+            ledger.spares.insert(0, spare[0])
+            return None
+        if stamps(target_fd, spare[0].name, (r for r, *_ in made)) == made:
             return spare
         log.warning("snapshot %r was changed by someone else: not used", spare[0].name)
-        ledger.doomed[spare[0].name] = now
+        ledger.doom(spare[0].name, now)
     return None
 
 
@@ -319,7 +318,21 @@ def _copy_live(
         if err.errno not in ABSENT:
             raise
         log.warning("live snapshot %r is gone or replaced: writing every file", live)
-        discard(target_fd, name)
+        if discard(target_fd, name):
+            raise
         maker.mkdir(target_fd, name)
         return set(files)
     return changed | set(missing)  # lost from the live one: written anew
+
+
+def _present(target_fd: int, name: str, paths: Collection[str] | None) -> dict[str, bool] | None:
+    """Which of ``paths`` are files in snapshot ``name`` (``None``: all its files); None if
+    it cannot be read."""
+    try:
+        with Tree(open_dir(name, target_fd)) as tree:
+            if paths is None:
+                return dict.fromkeys(files_in(tree.fd), True)
+            return {p: has_file(tree, p) for p in paths}
+    except OSError as err:
+        log.warning("%r: cannot read it: %s", name, err)
+        return None

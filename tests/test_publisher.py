@@ -415,6 +415,34 @@ def test_check_failure_whose_rollback_fails_still_ends_with_the_old_snapshot(
     assert rig.live == old
 
 
+def test_a_change_that_comes_while_a_put_back_is_owed_is_not_lost(
+    rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The put-back is retried first; a change that came meanwhile is published after it."""
+    monkeypatch.setattr(publisher_module, "RETRY_FIRST", 1 / 64)
+    clock = Clock()
+    verdicts = iter([(1, "rejected"), (0, ""), (0, ""), (0, "")])
+    rig = rigs(clock=clock, check=lambda: next(verdicts)).start()
+    rig.send(full(1, a=b"1", b=b"1"))
+    old = rig.live
+    flip = rig.writer._flip
+    failures: list[str] = []
+
+    def cannot_go_back_once(name: str) -> None:
+        if name == old and not failures:
+            failures.append(name)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        flip(name)
+
+    monkeypatch.setattr(rig.writer, "_flip", cannot_go_back_once)
+    rig.send(Batch(2, [put("a", b"bad")]))  # rejected; putting r1 back fails
+    assert failures
+    rig.send(Batch(3, [put("b", b"3")]))  # comes before the retry is due
+    clock.now += publisher_module.RETRY_FIRST
+    busy_wait(lambda: rig.files().get("b") == b"3", timeout=WAIT, step=0.001)
+    assert rig.files() == {"a": b"bad", "b": b"3"}  # a passed its check this time
+
+
 # 7 -------------------------------------------------------------------------
 
 

@@ -211,3 +211,27 @@ def test_a_live_snapshot_replaced_by_someone_else_is_written_anew(tmp_path: Path
     change(writer, tree, 2, b"NEW")
     assert read_tree(target) == {"k": b"NEW", "other": b"o"}
     assert list(outside.iterdir()) == []
+
+
+def test_a_foreign_entry_at_a_top_level_name_is_never_replaced(tmp_path: Path) -> None:
+    """Another container's file where a new key's link would go stays as it is."""
+    target, writer, tree = started(tmp_path)
+    (target / "theirs").write_bytes(b"THEIRS")
+    assert writer.publish(tree.files, tree.put("theirs", b"ours"), 2)
+    assert (target / "theirs").read_bytes() == b"THEIRS" and not (target / "theirs").is_symlink()
+
+
+def test_a_symlink_loop_planted_in_a_spare_does_not_stop_publishing(tmp_path: Path) -> None:
+    clock = Clock()
+    target, writer, tree = started(tmp_path, clock=clock, grace=0.1)
+    tree.put("sub/deeper/x", b"1")
+    writer.publish(tree.files, {"sub/deeper/x"}, 2)
+    writer.settle()
+    clock.now += 1
+    writer.maintain()
+    live = os.readlink(target / "..data")
+    for spare in (n for n in os.listdir(target) if is_snapshot_name(n) and n != live):
+        shutil.rmtree(target / spare / "sub")
+        os.symlink("sub", target / spare / "sub")  # a link to itself: ELOOP on the way
+    change(writer, tree, 3, b"NEW")
+    assert read_tree(target) == {"k": b"NEW", "other": b"o", "sub/deeper/x": b"1"}
