@@ -7,7 +7,8 @@ Usage:
 Each etcd transaction becomes one snapshot directory under DIR, made live at
 once by renaming the DIR/..data symlink; DIR/NAME links to DIR/..data/NAME.
 CMD starts after the first snapshot is live, gets SIG after every change,
-and has its signals forwarded; the exit code is CMD's. Without CMD, the
+and has its signals forwarded; the exit code is CMD's. Options end at "--"
+or at the first word that is not one: the rest is CMD. Without CMD, the
 files are written and kept current until SIGTERM.
 
 Options:
