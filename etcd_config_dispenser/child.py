@@ -144,7 +144,7 @@ class Supervisor:
     def notify(self, signum: int) -> bool:
         """Tell the child its files changed, once it can take the signal (see START_SETTLE).
 
-        Called from the sync thread only; forwarded signals go out at once.
+        Called from the publisher thread only; forwarded signals go out at once.
         Returns whether a signal was sent (not without a child).
         """
         pid = self.pid
@@ -196,7 +196,7 @@ class Supervisor:
         """Forward signals and reap until the child exits; return its exit code.
 
         With no child: wait for a terminating signal (exit 0). If ``done`` is
-        set (the sync loop died), the child is stopped and the exit code is 1:
+        set (the publisher died), the child is stopped and the exit code is 1:
         serving files that silently stopped updating would be worse.
         """
         deadline: float | None = None
@@ -221,7 +221,7 @@ class Supervisor:
             if done.is_set() and not abandoned:
                 if self.pid is None:
                     return 1
-                log.error("sync loop stopped: stopping child pid %d", self.pid)
+                log.error("publisher stopped: stopping child pid %d", self.pid)
                 abandoned = True
                 self.send(signal.SIGTERM)
                 deadline = time.monotonic() + self.kill_timeout

@@ -1,7 +1,7 @@
 """--health-addr: /healthz for orchestrators, /metrics for Prometheus.
 
 A plain HTTP server on its own thread that only reads ``Stats``, which the
-sync loop writes (single assignments of ints and floats: safe to read from
+publisher and the etcd session write (single assignments of ints and floats: safe to read from
 another thread in CPython).
 """
 
@@ -23,7 +23,7 @@ STALE_AFTER = 10.0  # seconds without a sign of life from etcd before /healthz s
 
 @dataclass
 class Stats:
-    """What the sync loop did; read by /healthz and /metrics."""
+    """What the publisher and the etcd session did; read by /healthz and /metrics."""
 
     revision: int = 0
     serving: str | None = None  # the live snapshot, ours or a previous run's

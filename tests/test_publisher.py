@@ -386,15 +386,9 @@ def test_check_failure_puts_the_old_snapshot_back_and_the_next_change_owes_it(
     assert rig.stats.revision == 3 and rig.stats.serving == rig.live
 
 
-def test_check_failure_whose_rollback_fails_still_ends_with_the_old_snapshot(
-    rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(publisher_module, "RETRY_FIRST", 1 / 64)
-    clock = Clock()
-    rig = rigs(clock=clock, check=lambda: (1, "rejected")).start()
-    rig.send(full(1, a=b"1"))
-    old = rig.live
-    flip = rig.writer._flip
+def fail_going_back_once(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The first flip back to the snapshot live now fails (ENOSPC); the names it failed for."""
+    old, flip = rig.live, rig.writer._flip
     failures: list[str] = []
 
     def cannot_go_back_once(name: str) -> None:
@@ -404,6 +398,18 @@ def test_check_failure_whose_rollback_fails_still_ends_with_the_old_snapshot(
         flip(name)
 
     monkeypatch.setattr(rig.writer, "_flip", cannot_go_back_once)
+    return failures
+
+
+def test_check_failure_whose_rollback_fails_still_ends_with_the_old_snapshot(
+    rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(publisher_module, "RETRY_FIRST", 1 / 64)
+    clock = Clock()
+    rig = rigs(clock=clock, check=lambda: (1, "rejected")).start()
+    rig.send(full(1, a=b"1"))
+    old = rig.live
+    failures = fail_going_back_once(rig, monkeypatch)
     rig.send(Batch(2, [put("a", b"2")]))
     assert failures  # the check failed, and so did putting r1 back
     assert rig.stats.write_failures == 1
@@ -424,17 +430,7 @@ def test_a_change_that_comes_while_a_put_back_is_owed_is_not_lost(
     verdicts = iter([(1, "rejected"), (0, ""), (0, ""), (0, "")])
     rig = rigs(clock=clock, check=lambda: next(verdicts)).start()
     rig.send(full(1, a=b"1", b=b"1"))
-    old = rig.live
-    flip = rig.writer._flip
-    failures: list[str] = []
-
-    def cannot_go_back_once(name: str) -> None:
-        if name == old and not failures:
-            failures.append(name)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        flip(name)
-
-    monkeypatch.setattr(rig.writer, "_flip", cannot_go_back_once)
+    failures = fail_going_back_once(rig, monkeypatch)
     rig.send(Batch(2, [put("a", b"bad")]))  # rejected; putting r1 back fails
     assert failures
     rig.send(Batch(3, [put("b", b"3")]))  # comes before the retry is due
