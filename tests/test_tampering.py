@@ -100,8 +100,9 @@ def test_an_old_snapshot_that_could_not_be_removed_is_removed_later(
     change(writer, tree, 2, b"SECRET-2")
     change(writer, tree, 3, b"SECRET-3")
     clock.now += 0.2
-    writer.maintain()
+    due = writer.maintain()
     assert failures and (target / failures[0]).is_dir()  # the first try failed
+    assert due is not None and due <= clock.now + housekeeping.REMOVE_RETRY  # and is due again
     clock.now += housekeeping.REMOVE_RETRY
     writer.maintain()
     assert not (target / failures[0]).exists()
