@@ -101,6 +101,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         ",".join(map(str, etcd.endpoints)),
         options.target,
     )
+    stats.publisher_running = lambda: not publisher.done.is_set()
     # The flow: etcd session -> inbox -> publisher (key rules, snapshot, signal).
     publisher.start()
     session.start()

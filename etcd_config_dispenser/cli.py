@@ -37,8 +37,9 @@ Options:
                          all of them as one snapshot with one signal:
                          "2s", "500ms:5s". Default: every change at once.
   --health-addr=ADDR     Serve /healthz (200 while a snapshot is live and
-                         etcd answers, else 503 and why) and /metrics
-                         (Prometheus) on HOST:PORT, e.g. 127.0.0.1:9102.
+                         etcd answers, else 503 and why), /livez (200
+                         while the dispenser runs: the liveness probe) and
+                         /metrics (Prometheus) on HOST:PORT.
   --log-level=LEVEL      debug, info, warning or error [default: info].
   --log-format=FORMAT    text, or json: one object a line [default: text].
   -h, --help             Show this help.

@@ -11,7 +11,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -40,6 +40,7 @@ class Stats:
     skipped_keys: int = 0  # keys not written now: refused by the key rules, or shadowed
     files: int = 0  # files in the live snapshot
     check_failures: int = 0
+    publisher_running: Callable[[], bool] = lambda: True
 
     def etcd_answered(self, reconnect: bool = False) -> None:
         if reconnect and self.last_ok:
@@ -74,6 +75,11 @@ class Stats:
         if self.serving:
             return f"serving {self.serving!r}, left by an earlier run"
         return "nothing served yet"
+
+    def running(self) -> bool:
+        """/livez: the process and its publisher run (not whether etcd answers: a
+        liveness probe must not restart a working child during an etcd outage)."""
+        return self.publisher_running()
 
     def health(self) -> tuple[bool, str]:
         """(healthy, reason): a snapshot is live, the target writable, etcd answered recently."""
@@ -130,10 +136,17 @@ def serve(host: str, port: int, stats: Stats) -> ThreadingHTTPServer:
     """Start the server on a daemon thread; raises OSError if the address cannot be bound."""
 
     class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self._head_only = True
+            self.do_GET()
+
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 healthy, reason = stats.health()
                 self._answer(200 if healthy else 503, reason.encode() + b"\n")
+            elif self.path == "/livez":
+                alive = stats.running()
+                self._answer(200 if alive else 503, b"alive\n" if alive else b"stopped\n")
             elif self.path == "/metrics":
                 body = _metrics(stats)
                 if body is None:
@@ -141,14 +154,15 @@ def serve(host: str, port: int, stats: Stats) -> ThreadingHTTPServer:
                 else:
                     self._answer(200, body, "text/plain; version=0.0.4; charset=utf-8")
             else:
-                self._answer(404, b"try /healthz or /metrics\n")
+                self._answer(404, b"try /healthz, /livez or /metrics\n")
 
         def _answer(self, code: int, body: bytes, kind: str = "text/plain; charset=utf-8") -> None:
             self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not getattr(self, "_head_only", False):
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("health: " + format, *args)

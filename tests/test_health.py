@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 from collections.abc import Callable
@@ -52,6 +53,16 @@ def test_healthz_and_metrics_follow_the_sync(
     assert proc.stop() == 0
 
 
+def head(port: int, path: str) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("HEAD", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
 def test_healthz_says_503_and_why_while_etcd_is_down(tmp_path: Path, target: Path) -> None:
     server = EtcdServer().start()
     port = free_port()
@@ -69,6 +80,8 @@ def test_healthz_says_503_and_why_while_etcd_is_down(tmp_path: Path, target: Pat
         _status, reason = http_get(port, "/healthz")
         assert "etcd unavailable, serving r" in reason and "UNAVAILABLE" in reason
         assert read_tree(target) == {"a": b"1"}  # still served
+        assert head(port, "/healthz") == (503, b"")  # HEAD: the status, no body
+        assert http_get(port, "/livez") == (200, "alive\n")  # delivery down, process up
         server.start()
         busy_wait(lambda: http_get(port, "/healthz")[0] == 200, timeout=20)
         assert metric(http_get(port, "/metrics")[1], "reconnects_total") >= 1
