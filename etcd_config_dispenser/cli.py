@@ -45,6 +45,10 @@ Options:
   -h, --help             Show this help.
   --version              Show the version.
 
+Every option can also be set in the environment: DISPENSER_ and its name
+in capitals, "_" for "-" (DISPENSER_PREFIX, DISPENSER_KILL_TIMEOUT,
+DISPENSER_ONCE=true). A flag on the command line wins.
+
 Environment (each NAME also as NAME_FILE, read from that file; none of
 them reaches CMD):
   ETCD_ENDPOINTS         Comma-separated endpoints, "http://h:2379",
@@ -74,6 +78,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -275,13 +280,56 @@ def setup_logging(level: str, form: str) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
-def parse_args(argv: list[str] | None) -> Options:
-    """The docopt usage above is the one source of the flags; raise UsageError."""
-    _check_flags(argv or [])
+ENV_PREFIX = "DISPENSER_"  # not ETCD_: etcd server reads ETCD_<FLAG> itself
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def env_name(long: str) -> str:
+    """--kill-timeout -> DISPENSER_KILL_TIMEOUT."""
+    return ENV_PREFIX + long[2:].upper().replace("-", "_")
+
+
+def _with_environment(
+    argv: list[str], environ: Mapping[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """``argv`` with the options set only in the environment put first (a flag wins), and
+    which option came from which variable."""
+    given = {_options()[n][0] for n in _split(argv)[0] if n in _options()}
+    added: list[str] = []
+    origin: dict[str, str] = {}
+    for long, takes_value in sorted(set(_options().values())):
+        value = environ.get(env_name(long))
+        if value is None or long in given or long in ("--help", "--version"):
+            continue
+        origin[long] = env_name(long)
+        if takes_value:
+            added.append(f"{long}={value}")
+        elif value.strip().lower() in TRUE_WORDS:
+            added.append(long)
+        elif value.strip().lower() not in FALSE_WORDS:
+            raise UsageError(f"{env_name(long)}={value!r}: use true or false")
+    return added + argv, origin
+
+
+def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) -> Options:
+    """The docopt usage above is the one source of the flags; raise UsageError.
+
+    A bad value that came from the environment is named by its variable too.
+    """
+    argv, origin = _with_environment(argv or [], environ or {})
+    try:
+        return _parse(argv)
+    except UsageError as err:
+        var = next((v for flag, v in origin.items() if str(err).startswith(flag)), None)
+        raise UsageError(f"{var} (from the environment): {err}" if var else str(err)) from None
+
+
+def _parse(argv: list[str]) -> Options:
+    _check_flags(argv)
     try:
         args = docopt(USAGE, argv=argv, version=f"{PROG} {__version__}", options_first=True)
     except DocoptExit as err:
-        raise UsageError(_missing_flag(argv or []) or str(err).splitlines()[0]) from None
+        raise UsageError(_missing_flag(argv) or str(err).splitlines()[0]) from None
     uid = parse_id(args["--owner"], "--owner", "user")
     gid = parse_id(args["--group"], "--group", "group")
     if os.geteuid() != 0 and (uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid())):
@@ -317,7 +365,7 @@ def parse_args(argv: list[str] | None) -> Options:
 def main(argv: list[str] | None = None) -> NoReturn:
     """Parse -> configure -> run -> exit with the child's code."""
     try:
-        options = parse_args(sys.argv[1:] if argv is None else argv)
+        options = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
     except UsageError as err:
         usage = USAGE.split("\n\n")[1]
         print(f"{PROG}: {err}\n{usage}\nSee '{PROG} --help'.", file=sys.stderr)

@@ -6,10 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
-from etcd_config_dispenser.cli import USAGE, UsageError, parse_args, parse_signal
+from etcd_config_dispenser.cli import USAGE, UsageError, env_name, parse_args, parse_signal
+from etcd_config_dispenser.options import Options
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -163,3 +165,49 @@ def test_wait_min_and_max(text: str, expected: tuple[float, float]) -> None:
 def test_bad_wait_names_the_flag(text: str) -> None:
     with pytest.raises(UsageError, match="--wait"):
         parse_args(["-p", "/x", "-t", "o", f"--wait={text}"])
+
+
+@pytest.mark.parametrize(
+    "argv, environ, check",
+    [
+        ([], {"DISPENSER_PREFIX": "/c", "DISPENSER_TARGET": "t"}, lambda o: o.prefix == b"/c/"),
+        (["-p", "/flag"], {"DISPENSER_PREFIX": "/env", "DISPENSER_TARGET": "t"},
+         lambda o: o.prefix == b"/flag/"),  # the flag wins
+        ([], {"DISPENSER_PREFIX": "/c", "DISPENSER_TARGET": "t", "DISPENSER_KILL_TIMEOUT": "3"},
+         lambda o: o.kill_timeout == 3.0),
+        ([], {"DISPENSER_PREFIX": "/c", "DISPENSER_TARGET": "t", "DISPENSER_ONCE": "true"},
+         lambda o: o.once),
+        ([], {"DISPENSER_PREFIX": "/c", "DISPENSER_TARGET": "t", "DISPENSER_ONCE": "false"},
+         lambda o: not o.once),
+        (["nginx", "-g", "daemon off;"], {"DISPENSER_PREFIX": "/c", "DISPENSER_TARGET": "t"},
+         lambda o: o.command == ["nginx", "-g", "daemon off;"]),
+        ([], {"DISPENSER_PREFIX": "/c", "DISPENSER_TARGET": "t", "ETCD_PREFIX": "/etcd-own"},
+         lambda o: o.prefix == b"/c/"),  # etcd server's own ETCD_<FLAG> names are not ours
+    ],
+    ids=["env only", "flag wins", "value", "true", "false", "with a child", "not ETCD_"],
+)  # fmt: skip
+def test_every_flag_can_come_from_the_environment(
+    argv: list[str], environ: dict[str, str], check: Callable[[Options], bool]
+) -> None:
+    assert check(parse_args(argv, environ))
+
+
+def test_the_manual_names_the_variables() -> None:
+    assert env_name("--kill-timeout") == "DISPENSER_KILL_TIMEOUT"
+    assert "DISPENSER_KILL_TIMEOUT" in USAGE and "A flag on the command line wins" in USAGE
+
+
+@pytest.mark.parametrize(
+    "environ, needle",
+    [
+        ({"DISPENSER_MODE": "9z"}, "DISPENSER_MODE (from the environment): --mode"),
+        ({"DISPENSER_ONCE": "maybe"}, "DISPENSER_ONCE='maybe': use true or false"),
+        ({"DISPENSER_SIGNAL": "NOPE"}, "DISPENSER_SIGNAL (from the environment): --signal"),
+    ],
+)
+def test_a_bad_value_from_the_environment_names_the_variable(
+    environ: dict[str, str], needle: str
+) -> None:
+    result = run_cli(env={"DISPENSER_PREFIX": "/x", "DISPENSER_TARGET": "o", **environ})
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr
