@@ -74,9 +74,7 @@ class Housekeeper:
         try:
             for spare, paths in due.catch_up:
                 self._catch_up(spare, paths)
-            for spare in self.ledger.spares:  # retired since: as we left them
-                if spare.stamps is None:
-                    spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
+            self.stamp_retired()
             self._maker.fill_pool(self._fd)
             live = self.ledger.live
             if live is not None and not self.ledger.spares and self.ledger.max_spares > 0:
@@ -85,6 +83,13 @@ class Housekeeper:
             log.warning("could not prepare for the next change: %s", err)
         self.ledger.trim()
         return self.ledger.next_due(self.clock())  # what failed above is due again too
+
+    def stamp_retired(self) -> None:
+        """Note how each spare retired since looks (see fsops.stamps): a spare is reused
+        only while it still looks so."""
+        for spare in self.ledger.spares:
+            if spare.stamps is None:
+                spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
 
     def _catch_up(self, spare: Snap, paths: set[str]) -> None:
         """Bring a spare past its grace period to the live content: it then holds no value

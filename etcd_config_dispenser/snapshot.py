@@ -258,8 +258,10 @@ class SnapshotWriter:
     def settle(self) -> None:
         """The last publish stays: make the flip durable; nothing to roll back to now.
 
-        Right after the signal, off the critical path. A failure is logged:
-        the snapshot is live either way.
+        Right after the signal, off the critical path; the snapshot just
+        retired is stamped too, so that the next change, even back to back,
+        may reuse it once its grace is over. A failure is logged: the
+        snapshot is live either way.
         """
         self.ledger.settle()
         try:
@@ -268,6 +270,7 @@ class SnapshotWriter:
                 self._unsynced = False
             else:
                 os.fsync(self._fd)
+            self._housekeeper.stamp_retired()
         except OSError as err:
             log.warning("could not make the snapshot durable: %s", err)
 
