@@ -37,10 +37,10 @@ WAIT_STEP = 1.0  # seconds between checks when no signal arrives
 PR_SET_CHILD_SUBREAPER = 36
 # A signal in the child's first moments can kill it: nginx still parsing its
 # config has no SIGHUP handler yet, and SIGHUP's default action is to exit.
-# So a change waits until the child catches, ignores or blocks the signal, as Linux
+# So a change waits until the child catches or ignores the signal, as Linux
 # shows in /proc/PID/status, polled every SETTLE_POLL; a child that has not
 # after START_SETTLE_MAX since its start gets the signal anyway (a program
-# waiting in sigwait shows the signal neither caught nor blocked while it
+# waiting in sigwait shows the signal neither caught nor ignored while it
 # waits). Without /proc, a change waits until START_SETTLE after the start.
 START_SETTLE = 1.0
 START_SETTLE_MAX = 2.0
@@ -50,9 +50,10 @@ HARMLESS = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIG
 
 
 def handles(pid: int, signum: int) -> bool | None:
-    """Whether process ``pid`` catches, ignores or blocks ``signum`` (SigCgt, SigIgn,
-    SigBlk in /proc/PID/status: blocked, it waits for the program, as with sigwait);
-    None if that cannot be read."""
+    """Whether process ``pid`` catches or ignores ``signum`` (SigCgt, SigIgn in
+    /proc/PID/status); None if that cannot be read. Blocked (SigBlk) does not count:
+    a shell blocks every signal for a moment around each fork, and a SIGHUP sent
+    then kills it as soon as it unblocks."""
     try:
         with open(f"/proc/{pid}/status") as status:
             text = status.read()
@@ -60,7 +61,7 @@ def handles(pid: int, signum: int) -> bool | None:
         return None
     bit, masks = 1 << (signum - 1), 0
     for line in text.splitlines():
-        if line.startswith(("SigCgt:", "SigIgn:", "SigBlk:")):
+        if line.startswith(("SigCgt:", "SigIgn:")):
             masks |= int(line.split(":", 1)[1], 16)
     return bool(masks & bit)
 
