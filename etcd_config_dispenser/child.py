@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import shlex
 import signal
 import threading
 import time
@@ -103,6 +104,13 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def describe_exit(status: int) -> str:
+    """'exited with code 3', or 'killed by SIGSEGV (exit code 139)'."""
+    if os.WIFSIGNALED(status):
+        return f"killed by {_name(os.WTERMSIG(status))} (exit code {exit_code(status)})"
+    return f"exited with code {exit_code(status)}"
+
+
 class Supervisor:
     """Runs one child (or none, as a sidecar) and waits for it like PID 1 would."""
 
@@ -139,7 +147,7 @@ class Supervisor:
         with self._lock:
             self.pid = pid
             self.started_at = time.monotonic()
-        log.info("started child pid %d: %s", pid, " ".join(self.argv))
+        log.info("started child pid %d: %s", pid, shlex.join(self.argv))  # pastes into a shell
         return None
 
     def notify(self, signum: int) -> bool:
@@ -271,7 +279,7 @@ class Supervisor:
                 if pid == self.pid:
                     self.pid = None
                     code = exit_code(status)
-                    log.info("child pid %d exited with code %d", pid, code)
+                    log.info("child pid %d %s", pid, describe_exit(status))
                 else:
                     log.debug("reaped orphan pid %d", pid)
 

@@ -357,7 +357,7 @@ def _parse(argv: list[str]) -> Options:
         check=args["--check"] or None,
         health_addr=parse_address(args["--health-addr"]),
         log_level=level,
-        log_format=parse_choice(args["--log-format"], "--log-format", ("text", "json")),
+        log_format=parse_choice(args["--log-format"].lower(), "--log-format", ("text", "json")),
         command=args["CMD"],
     )
 

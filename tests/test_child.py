@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import busy_wait, stop_process
 
-from etcd_config_dispenser.child import START_SETTLE_MAX
+from etcd_config_dispenser.child import START_SETTLE_MAX, describe_exit
 
 HARNESS = Path(__file__).with_name("child_harness.py")
 
@@ -275,3 +275,16 @@ def test_a_file_that_is_not_a_program_exits_126(tmp_path: Path) -> None:
     script.chmod(0o755)
     assert start(str(script)).wait(10) == 126  # ENOEXEC
     assert start(str(script) + "/x").wait(10) == 126  # ENOTDIR
+
+
+@pytest.mark.parametrize(
+    "status, text",
+    [
+        (0, "exited with code 0"),
+        (3 << 8, "exited with code 3"),
+        (signal.SIGSEGV, "killed by SIGSEGV (exit code 139)"),
+        (signal.SIGKILL, "killed by SIGKILL (exit code 137)"),
+    ],
+)
+def test_how_the_child_ended_is_said_as_a_shell_would(status: int, text: str) -> None:
+    assert describe_exit(status) == text

@@ -73,6 +73,11 @@ def test_options_stop_at_the_first_word_that_is_not_one(
     assert options.prefix == b"/c/" and options.target.name == "t"
 
 
+def test_log_level_and_format_in_any_case() -> None:
+    options = parse_args(["-p", "/x", "-t", "o", "--log-level=Debug", "--log-format=JSON"])
+    assert (options.log_level, options.log_format) == ("DEBUG", "json")
+
+
 def test_owner_and_group_by_name_and_number() -> None:
     options = parse_args(["-p", "/x", "-t", "o", "--owner=root", "--group=0", "--mode=0644"])
     assert (options.uid, options.gid, options.mode) == (0, 0, 0o644)
