@@ -74,8 +74,8 @@ class FileMaker:
         failed: dict[str, str] = {}
         count = 0
         for rel in delta:
-            if rel not in files and tree.unlink(rel):
-                tree.prune(rel.rpartition("/")[0])
+            if rel not in files:
+                tree.remove(rel)
         for rel in delta:
             value = files.get(rel)
             if value is None:
@@ -145,14 +145,9 @@ class FileMaker:
 
     def link(self, source: Tree, tree: Tree, rel: str) -> bool:
         """Share the live file at ``rel``; False if the live snapshot has none."""
-        try:
-            src_parent, leaf = source.parent(rel)
-            if not _is_file(src_parent, leaf):
-                return False
-        except OSError as err:
-            if err.errno in ABSENT:
-                return False
-            raise
+        if not has_file(source, rel):
+            return False
+        src_parent, leaf = source.parent(rel)  # open already: has_file went there
         tree.unlink(rel)
         parent, _ = tree.parent(rel, self.mkdir)
         os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)

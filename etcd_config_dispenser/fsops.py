@@ -103,6 +103,11 @@ def stamps(dir_fd: int, name: str, dirs: Iterable[str]) -> Stamps:
     return frozenset(out)
 
 
+def unchanged(dir_fd: int, name: str, made: Stamps) -> bool:
+    """Whether the tree ``name`` still stamps as ``made`` (the same directories)."""
+    return stamps(dir_fd, name, (rel for rel, *_ in made)) == made
+
+
 def walk(dir_fd: int) -> Iterator[tuple[str, os.DirEntry[str]]]:
     """Every entry under an open directory, as (relative path, entry); links not followed."""
     stack: list[tuple[int, str]] = [(os.dup(dir_fd), "")]
@@ -191,6 +196,11 @@ class Tree:
                 return False
             raise
         return True
+
+    def remove(self, rel: str) -> None:
+        """Remove the file ``rel``, if there is one, and its directories left empty."""
+        if self.unlink(rel):
+            self.prune(rel.rpartition("/")[0])
 
     def prune(self, rel_dir: str) -> list[str]:
         """Remove ``rel_dir`` and its parents while they are empty; the ones removed."""

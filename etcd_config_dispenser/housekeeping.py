@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from .filemaker import FileMaker
-from .fsops import Tree, open_dir, remove_at, stamps
+from .fsops import Tree, open_dir, remove_at, stamps, unchanged
 from .layout import snapshot_name
 from .ledger import Ledger, Snap
 from .links import TopLinks
@@ -97,7 +97,7 @@ class Housekeeper:
         live = self.ledger.live
         assert live is not None
         made = spare.stamps
-        if made is not None and stamps(self._fd, spare.name, (r for r, *_ in made)) != made:
+        if made is not None and not unchanged(self._fd, spare.name, made):
             self.ledger.doom(spare.name, self.clock())  # someone changed it: not ours now
             return
         try:
@@ -106,8 +106,7 @@ class Housekeeper:
                 Tree(open_dir(live.name, self._fd)) as src,
             ):
                 for rel in paths:
-                    if tree.unlink(rel):
-                        tree.prune(rel.rpartition("/")[0])
+                    tree.remove(rel)
                 live_paths = self._links.live_paths
                 lost = [r for r in paths if not self._maker.link(src, tree, r) and r in live_paths]
                 if lost:  # the live one lacks what it should hold: this copy is no good

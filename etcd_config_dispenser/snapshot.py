@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import recovery
 from .filemaker import ABSENT, FileMaker, has_file
-from .fsops import Tree, files_in, open_dir, remove_at, stamps, syncfs
+from .fsops import Tree, files_in, open_dir, remove_at, syncfs, unchanged
 from .housekeeping import Housekeeper, discard
 from .keys import MAX_PATH
 from .layout import DATA_LINK, SNAPSHOT_NAME_MAX, TMP_LINK, snapshot_name
@@ -297,7 +297,7 @@ def _verified_spare(target_fd: int, ledger: Ledger, now: float) -> tuple[Snap, s
         if made is None:  # retired and not looked at since: copy rather than trust it
             ledger.spares.insert(0, spare[0])
             return None
-        if stamps(target_fd, spare[0].name, (r for r, *_ in made)) == made:
+        if unchanged(target_fd, spare[0].name, made):
             return spare
         log.warning("snapshot %r was changed by someone else: not used", spare[0].name)
         ledger.doom(spare[0].name, now)
