@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+from .logs import fields
+
 log = logging.getLogger(__name__)
 
 FORWARDED = frozenset(
@@ -147,21 +149,26 @@ class Supervisor:
         with self._lock:
             self.pid = pid
             self.started_at = time.monotonic()
-        log.info("started child pid %d: %s", pid, shlex.join(self.argv))  # pastes into a shell
+        log.info(  # the command shell-quoted: it pastes into a shell
+            "started child pid %d: %s",
+            pid,
+            shlex.join(self.argv),
+            extra=fields("child_started", pid=pid),
+        )
         return None
 
-    def notify(self, signum: int) -> bool:
+    def notify(self, signum: int) -> tuple[str, int] | None:
         """Tell the child its files changed, once it can take the signal (see START_SETTLE).
 
         Called from the publisher thread only; forwarded signals go out at once.
-        Returns whether a signal was sent (not without a child).
+        Returns (signal name, pid) if a signal was sent, None if not (no child).
         """
         pid = self.pid
         if pid is None:
-            return False
+            return None
         if signum not in HARMLESS and (pid, signum) != self._handled:
             self._wait_until_handled(pid, signum)
-        return self.send(signum)
+        return (_name(signum), pid) if self.send(signum) else None
 
     def _wait_until_handled(self, pid: int, signum: int) -> None:
         give_up = self.started_at + START_SETTLE_MAX
@@ -279,7 +286,12 @@ class Supervisor:
                 if pid == self.pid:
                     self.pid = None
                     code = exit_code(status)
-                    log.info("child pid %d %s", pid, describe_exit(status))
+                    log.info(
+                        "child pid %d %s",
+                        pid,
+                        describe_exit(status),
+                        extra=fields("child_exited", pid=pid, exit_code=code),
+                    )
                 else:
                     log.debug("reaped orphan pid %d", pid)
 

@@ -70,14 +70,12 @@ from __future__ import annotations
 
 import difflib
 import grp
-import json
 import logging
 import os
 import pwd
 import re
 import signal
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
@@ -86,6 +84,7 @@ from docopt import DocoptExit, docopt
 
 from . import __version__, config
 from .keys import normalise_prefix
+from .logs import setup_logging
 from .options import Options
 
 log = logging.getLogger("etcd_config_dispenser")
@@ -252,32 +251,6 @@ def parse_choice(text: str, flag: str, choices: tuple[str, ...]) -> str:
     if text not in choices:
         raise UsageError(f"{flag}: {text!r} is not one of {', '.join(choices)}")
     return text
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line, for log collectors: time, level, logger, message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(level: str, form: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if form == "json":
-        formatter: logging.Formatter = JsonFormatter()
-        formatter.converter = time.gmtime
-    else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler.setFormatter(formatter)
-    logging.basicConfig(level=level, handlers=[handler])
 
 
 ENV_PREFIX = "DISPENSER_"  # not ETCD_: etcd server reads ETCD_<FLAG> itself

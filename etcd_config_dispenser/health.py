@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from . import __version__
+
 log = logging.getLogger(__name__)
 
 STALE_AFTER = 10.0  # seconds without a sign of life from etcd before /healthz says 503
@@ -36,6 +38,7 @@ class Stats:
     snapshots: int = 0
     signals: int = 0
     reconnects: int = 0
+    etcd_failures: int = 0  # failed attempts to read or follow etcd
     write_failures: int = 0
     skipped_keys: int = 0  # keys not written now: refused by the key rules, or shadowed
     files: int = 0  # files in the live snapshot
@@ -49,6 +52,7 @@ class Stats:
         self.last_ok = time.monotonic()
 
     def etcd_failed(self, error: str) -> None:
+        self.etcd_failures += 1
         self.connected = False
         self.last_error = error
 
@@ -98,7 +102,13 @@ class Stats:
 def _metrics(stats: Stats) -> bytes | None:
     """The Prometheus text format, or None without the optional prometheus_client."""
     try:
-        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client import (
+            CollectorRegistry,
+            GCCollector,
+            PlatformCollector,
+            ProcessCollector,
+            generate_latest,
+        )
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     except ImportError:
         return None
@@ -122,13 +132,29 @@ def _metrics(stats: Stats) -> bytes | None:
                 ("snapshots", "snapshots made live", stats.snapshots),
                 ("signals", "signals sent to the child after a change", stats.signals),
                 ("reconnects", "connections to etcd after the first", stats.reconnects),
-                ("write_failures", "snapshots that could not be written", stats.write_failures),
-                ("check_failures", "changes rejected by --check", stats.check_failures),
             ]:
                 yield CounterMetricFamily(prefix + name, text, value=value)
+            failures = CounterMetricFamily(
+                prefix + "sync_failures",
+                "attempts to deliver a change that failed, by reason: etcd (reading or "
+                "following etcd), write (the target), check (rejected by --check)",
+                labels=["reason"],
+            )
+            failures.add_metric(["etcd"], stats.etcd_failures)
+            failures.add_metric(["write"], stats.write_failures)
+            failures.add_metric(["check"], stats.check_failures)
+            yield failures
+            info = GaugeMetricFamily(prefix + "build_info", "always 1; the version as a label",
+                                     labels=["version"])  # fmt: skip
+            info.add_metric([__version__], 1.0)
+            yield info
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())
+    # The standard process_* and python_* series, as every Prometheus client exports them.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return bytes(generate_latest(registry))
 
 

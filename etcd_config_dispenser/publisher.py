@@ -20,6 +20,7 @@ from .events import Ended, Event, FullRead
 from .health import Stats
 from .intake import KeyIntake
 from .keys import show
+from .logs import fields
 from .snapshot import Published, SnapshotWriter, max_key_path
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Publisher:
         writer: SnapshotWriter,
         inbox: queue.Queue[Event],
         prefix: bytes,
-        notify: Callable[[], bool],
+        notify: Callable[[], tuple[str, int] | None],
         stats: Stats,
         once: bool = False,
         wait: tuple[float, float] | None = None,
@@ -58,7 +59,7 @@ class Publisher:
         self.writer = writer
         self.inbox = inbox
         self.prefix = prefix
-        self.notify = notify  # signals the child; False if there is none to signal
+        self.notify = notify  # signals the child: (signal name, pid), or None if not sent
         self.stats = stats
         self.once = once
         self.wait = wait  # (quiet, most) seconds, or None: publish every change at once
@@ -128,6 +129,7 @@ class Publisher:
                         err,
                         self.stats.serving_text(),
                         retry_at - now,
+                        extra=fields("write_failed", revision=owed, error=err),
                     )
                     if self.once and failures >= ONCE_WRITE_ATTEMPTS:
                         return
@@ -174,7 +176,13 @@ class Publisher:
             self.stats.served(revision, self.writer.serving)
             return
         for path, why in sorted(result.failed.items()):
-            log.warning("r%d: skipping key %s: cannot write it: %s", revision, show(path), why)
+            log.warning(
+                "r%d: skipping key %s: cannot write it: %s",
+                revision,
+                show(path),
+                why,
+                extra=fields("key_skipped", revision=revision, error=why),
+            )
         # --check, whenever there is a snapshot to go back to: after every change,
         # and at start-up over a snapshot a previous process left.
         if self.check is not None and self.writer.can_roll_back:
@@ -187,19 +195,38 @@ class Publisher:
                 self._reject(*self._rejected, first)
                 return
         self.stats.served(revision, result.name, len(self.keys.tree.files) - len(result.failed))
+        files = len(self.keys.tree.files)
         if first:
-            log.info("r%d: first snapshot live, %d files", revision, len(self.keys.tree.files))
+            log.info(
+                "r%d: first snapshot live, %d files",
+                revision,
+                files,
+                extra=fields("first_sync", revision=revision, files=files),
+            )
             self.first_sync.set()
         else:
-            signalled = self.notify()
-            self.stats.signals += 1 if signalled else 0
             log.info(
-                "r%d: wrote %s; removed %s%s",
+                "r%d: wrote %s; removed %s",
                 revision,
                 _names(result.written),
                 _names(result.removed),
-                "; child signalled" if signalled else "",
+                extra=fields(
+                    "published",
+                    revision=revision,
+                    files=files,
+                    written=result.written,
+                    removed=result.removed,
+                ),
             )
+            sent = self.notify()
+            if sent is not None:
+                self.stats.signals += 1
+                log.info(
+                    "r%d: sent %s to child pid %d",
+                    revision,
+                    *sent,
+                    extra=fields("signalled", revision=revision, signal=sent[0], pid=sent[1]),
+                )
         self.writer.settle()
 
     def _reject(self, revision: int, why: str, first: bool) -> None:
@@ -208,7 +235,13 @@ class Publisher:
         try puts it back before anything else: a rejected change never stays live."""
         previous = self.writer.rollback()
         self._rejected = None
-        log.error("r%d: check failed with %s; %r is live again, no signal", revision, why, previous)
+        log.error(
+            "r%d: check failed with %s; %r is live again, no signal",
+            revision,
+            why,
+            previous,
+            extra=fields("check_failed", revision=revision, error=why),
+        )
         if first:  # the child starts, with the snapshot that was put back
             self.first_rejected = True
             self.stats.first_sync, self.stats.serving = True, previous

@@ -19,6 +19,7 @@ import tenacity
 
 from .events import Ended, Event, FullRead
 from .health import Stats
+from .logs import fields
 from .source import Compacted, EtcdSource, EtcdUnavailable
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class EtcdSession:
             err,
             self.stats.serving_text(),
             delay,
+            extra=fields("etcd_failed", error=err),
         )
 
     def _session(self) -> None:
@@ -127,7 +129,12 @@ class EtcdSession:
             return
         self.source.connect()
         revision, kvs = self.source.read_all()
-        log.info("r%d: connected to %s", revision, self.source.endpoint)
+        log.info(
+            "r%d: connected to %s",
+            revision,
+            self.source.endpoint,
+            extra=fields("connected", revision=revision),
+        )
         self.stats.etcd_answered(reconnect=True)
         self.inbox.put(FullRead(revision, kvs))
         if self.once:
@@ -146,7 +153,10 @@ class EtcdSession:
         except EtcdUnavailable as err:
             if self.stopping.is_set() or time.monotonic() - started < HEALTHY_AFTER:
                 raise
-            log.warning("etcd watch failed: %s; reconnecting", err)
+            self.stats.etcd_failed(str(err))
+            log.warning(
+                "etcd watch failed: %s; reconnecting", err, extra=fields("etcd_failed", error=err)
+            )
         finally:
             watching.set()
 

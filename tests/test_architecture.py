@@ -18,6 +18,7 @@ NAME = "etcd_config_dispenser"
 # etcd source -> key rules -> snapshot writer -> signal, with the wiring last.
 LAYERS = [
     "__init__",
+    "logs",  # log format and fields
     "layout",  # the on-disk names
     "fsops",  # filesystem primitives
     "keys",  # key -> path rules

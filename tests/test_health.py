@@ -19,6 +19,8 @@ from helpers import (
     read_tree,
 )
 
+from etcd_config_dispenser import __version__
+
 pytestmark = pytest.mark.integration
 
 Start = Callable[..., DispenserProcess]
@@ -49,6 +51,10 @@ def test_healthz_and_metrics_follow_the_sync(
     assert metric(text, "revision") == revision + 1
     assert metric(text, "skipped_keys") == 1  # not counted again at each change
     assert metric(text, "signals_total") == 0  # no child: nothing was signalled
+    assert metric(text, f'build_info{{version="{__version__}"}}') == 1
+    assert metric(text, 'sync_failures_total{reason="etcd"}') == 0
+    assert "\nprocess_resident_memory_bytes " in text  # the standard process metrics
+    assert "\nprocess_open_fds " in text
     assert http_get(port, "/nope")[0] == 404
     assert proc.stop() == 0
 
@@ -84,7 +90,10 @@ def test_healthz_says_503_and_why_while_etcd_is_down(tmp_path: Path, target: Pat
         assert http_get(port, "/livez") == (200, "alive\n")  # delivery down, process up
         server.start()
         busy_wait(lambda: http_get(port, "/healthz")[0] == 200, timeout=20)
-        assert metric(http_get(port, "/metrics")[1], "reconnects_total") >= 1
+        text = http_get(port, "/metrics")[1]
+        assert metric(text, "reconnects_total") >= 1
+        assert metric(text, 'sync_failures_total{reason="etcd"}') >= 1
+        assert metric(text, 'sync_failures_total{reason="write"}') == 0
     finally:
         proc.cleanup()
         server.cleanup()
@@ -113,3 +122,40 @@ def test_json_logs_one_object_a_line_without_values_or_passwords(
     assert {"time", "level", "logger", "message"} <= set(entries[0])
     assert any(e["level"] == "warning" and "..bad" in e["message"] for e in entries)
     assert "TOP-SECRET-VALUE" not in proc.log()
+
+
+def test_json_logs_carry_the_event_fields(
+    etcd: object, prefix: str, target: Path, dispenser: Start
+) -> None:
+    """A collector selects on fields: what was written and removed, which revision,
+    which signal went to which pid, how the child ended; no parsing of messages."""
+    etcd.put(prefix + "gone", b"1")  # type: ignore[attr-defined]
+    etcd.put(prefix + "dir/kept", b"1")  # type: ignore[attr-defined]
+    child = ["sh", "-c", "trap 'echo hup' HUP; while :; do sleep 0.05; done"]
+    proc = dispenser("--log-format=json", command=child)
+
+    def events(name: str) -> list[dict[str, object]]:
+        entries = [json.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
+        return [e for e in entries if e.get("event") == name]
+
+    busy_wait(lambda: bool(events("child_started")), timeout=20)
+    (first,) = events("first_sync")
+    assert first["files"] == 2 and isinstance(first["revision"], int)
+    tx = etcd.transactions  # type: ignore[attr-defined]
+    etcd.transaction(  # type: ignore[attr-defined]
+        compare=[], success=[tx.put(prefix + "dir/new", b"2"), tx.delete(prefix + "gone")],
+        failure=[],
+    )  # fmt: skip
+    revision = etcd.get_response(prefix + "dir/new").header.revision  # type: ignore[attr-defined]
+    busy_wait(lambda: bool(events("signalled")), timeout=20)
+    (published,) = events("published")
+    assert published["revision"] == revision
+    assert published["written"] == ["dir/new"] and published["removed"] == ["gone"]
+    assert published["files"] == 2
+    (signalled,) = events("signalled")
+    assert signalled["revision"] == revision and signalled["signal"] == "SIGHUP"
+    (started,) = events("child_started")
+    assert signalled["pid"] == started["pid"]
+    assert proc.stop() == 143  # the child's status: killed by SIGTERM
+    (exited,) = events("child_exited")
+    assert exited["pid"] == started["pid"] and exited["exit_code"] == 143

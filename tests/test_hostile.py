@@ -75,7 +75,10 @@ def test_full_disk_is_a_target_error_and_heals_when_space_returns(
             txn_put(etcd, prefix, big)  # type: ignore[arg-type]
             busy_wait(lambda: http_get(port, "/healthz")[0] == 503, timeout=10)
             # A few retries later it is still the target's problem, not etcd's.
-            busy_wait(lambda: metric(metrics(port), "write_failures_total") >= 3, timeout=10)
+            busy_wait(
+                lambda: metric(metrics(port), 'sync_failures_total{reason="write"}') >= 3,
+                timeout=10,
+            )
             status, body = http_get(port, "/healthz")
             assert status == 503 and "cannot write the target" in body, body
             text = metrics(port)
@@ -92,7 +95,7 @@ def test_full_disk_is_a_target_error_and_heals_when_space_returns(
             etcd.put(prefix + "later", b"later")  # type: ignore[attr-defined]
             wait_tree(target, {"small": b"small-2", "later": b"later"}, proc)
             text = metrics(port)
-            assert metric(text, "write_failures_total") >= 3
+            assert metric(text, 'sync_failures_total{reason="write"}') >= 3
             assert metric(text, "reconnects_total") == 0, text
             assert metric(text, "healthy") == 1
 

@@ -108,9 +108,9 @@ class Rig:
         )
         self.thread: threading.Thread | None = None
 
-    def notify(self) -> bool:
+    def notify(self) -> tuple[str, int] | None:
         self.notified.append(self.inbox.polls)  # called on the publisher's thread
-        return True
+        return ("SIGHUP", 1)
 
     # -- in the test thread -----------------------------------------------
 
