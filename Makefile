@@ -6,9 +6,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := etcd-server etcd-client nginx-light openssl curl
+# python3-venv: a minimal Debian has python3 without venv and ensurepip.
+APT_PACKAGES := etcd-server etcd-client nginx-light openssl curl python3-venv
+# What the installed package is made of: a change to any of them reinstalls it.
+SOURCES := $(wildcard etcd_config_dispenser/*.py) setup.cfg pyproject.toml
 
-.PHONY: all deps venv install test lint demo bench clean
+.PHONY: all deps venv install install-run test lint demo bench clean
 
 all: test
 
@@ -17,6 +20,7 @@ deps:
 	for tool in /usr/bin/etcd /usr/bin/etcdctl /usr/sbin/nginx /usr/bin/openssl /usr/bin/curl; do \
 		[ -x $$tool ] || missing=yes; \
 	done; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing=yes; \
 	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
@@ -31,10 +35,22 @@ venv: $(BIN)/python
 
 # A real (non-editable) install: the tests run the package as users get it.
 # build/ is removed first: setuptools would otherwise ship a module deleted from the tree.
-install: venv
+# Stamps: a second `make demo` or `make test` installs nothing unless a source changed.
+$(VENV)/.installed-run: $(SOURCES) | $(BIN)/python
 	rm -rf build
-	$(BIN)/python -m pip install -q '.[test,lint,metrics]'
+	$(BIN)/python -m pip install -q .
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-run
+	$(BIN)/python -m pip install -q '.[test,lint,metrics]'
+	touch $@
+
+# The package and what it needs to run: enough for the demo and the benchmark.
+install-run: $(VENV)/.installed-run
+
+# Besides, the test, lint and metrics extras.
+install: $(VENV)/.installed-dev
 
 test: deps install
 	cd tests && ../$(BIN)/python -m pytest -q
@@ -44,10 +60,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-demo: deps install
+demo: deps install-run
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.demo
 
-bench: deps install
+bench: deps install-run
 	$(BIN)/python -m scripts.bench
 
 clean:

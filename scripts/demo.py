@@ -37,7 +37,9 @@ PREFIX = "/certificates/"
 
 
 def say(text: str) -> None:
-    print(f"\n\033[1m== {text}\033[0m", flush=True)
+    """A heading; bold only on a terminal, never escape codes in a log file."""
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print(f"\n{bold}== {text}{plain}", flush=True)
 
 
 def show_served(port: int) -> None:
