@@ -188,7 +188,7 @@ class EtcdSource:
         the first one's revision, so the result is one consistent view while
         only one page is in memory twice (as protobuf and as Python objects).
         """
-        client = self._require_client()
+        client = self.connected_client()
         end = range_end(self.prefix)
         start, revision = self.prefix, 0
         items: list[tuple[bytes, bytes]] = []
@@ -228,7 +228,7 @@ class EtcdSource:
         Every event of one transaction shares one revision and arrives in one
         watch response, so a Batch never splits a transaction.
         """
-        client = self._require_client()
+        client = self.connected_client()
         requests: queue.Queue[Any] = queue.Queue()
         create = rpc.WatchCreateRequest(
             key=self.prefix, range_end=range_end(self.prefix), start_revision=start_revision
@@ -281,7 +281,8 @@ class EtcdSource:
             elif later:
                 self._interrupted = True
 
-    def _require_client(self) -> _Client:
+    def connected_client(self) -> _Client:
+        """The client of the current connection (connecting first): its stubs and metadata."""
         if self._client is None:
             self.connect()
         assert self._client is not None

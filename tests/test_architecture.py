@@ -40,6 +40,7 @@ LAYERS = [
     "publisher",  # file side: intake -> snapshot -> signal
     "app",
     "cli",
+    "ctl",  # etcd-config-ctl, the companion command
     "__main__",
 ]
 CLASS_LINES_MAX = 220
