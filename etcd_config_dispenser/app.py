@@ -14,8 +14,12 @@ from .child import Supervisor, become_subreaper, block_signals
 from .config import EtcdConfig, child_environ
 from .events import Ended, Event
 from .health import Stats
+from .layout import describe_snapshot
+from .logs import fields
+from .onchange import OnChange
 from .options import Options
 from .publisher import Publisher
+from .recovery import abandon
 from .session import EtcdSession
 from .snapshot import SnapshotWriter
 from .source import EtcdSource
@@ -57,8 +61,10 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         options.mode,
         options.uid,
         options.gid,
-        # Safe only when our own child is the first snapshot's only reader: see snapshot.py.
-        defer_first_sync=bool(options.command) and not options.once,
+        # Safe only when our own child is the first snapshot's only reader, and only
+        # reads it after a clean start (not a stale start): see snapshot.py.
+        defer_first_sync=bool(options.command) and not options.once and not options.stale_start,
+        file_rules=options.file_rules,
     )
     try:
         live = writer.recover()
@@ -78,13 +84,18 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     env = child_environ(os.environ)
     supervisor = Supervisor(options.command, env, options.kill_timeout)
     inbox: queue.Queue[Event] = queue.Queue()
-    session = EtcdSession(
-        EtcdSource(etcd, options.prefix),
-        inbox,
-        stats,
-        backoff_max=options.backoff_max,
-        once=options.once,
-    )
+    session = EtcdSession(EtcdSource(etcd, options.prefix), inbox, stats, options.backoff_max)
+    hook: OnChange | None = None
+    if options.on_change:
+        hook = OnChange(
+            options.on_change,
+            env,
+            options.target,
+            lambda cmd, env, timeout: run_check(cmd, env, supervisor, timeout, "--on-change"),
+            stats,
+            options.on_change_timeout,
+        )
+        hook.start()
     publisher = Publisher(
         writer,
         inbox,
@@ -94,6 +105,9 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         once=options.once,
         wait=options.wait,
         check=(lambda: run_check(check, env, supervisor)) if (check := options.check) else None,
+        selection=options.selection,
+        required=options.require,
+        on_change=hook.changed if hook else None,
     )
     log.info(
         "syncing prefix %r from %s into %s",
@@ -106,16 +120,18 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     publisher.start()
     session.start()
     try:
-        # Start the child only once its files exist.
-        stopped_by = supervisor.wait_for(publisher.first_sync, publisher.done)
+        # Start the child only once its files exist (or, --stale-start, a previous run's).
+        stale_start = options.stale_start if live and options.command else None
+        deadline = options.timeout if options.once else stale_start
+        stopped_by = supervisor.wait_for(publisher.first_sync, publisher.done, timeout=deadline)
         if stopped_by is not None:
             when = "" if publisher.first_sync.is_set() else " before the first sync"
             log.info("stopped by %s%s", signal.Signals(stopped_by).name, when)
             return 0
-        if not publisher.first_sync.is_set():
-            return 1  # --once could not read etcd or write the target: logged there
         if options.once:
-            return 1 if publisher.first_rejected else 0
+            return _once_result(publisher, writer, stats, options.timeout)
+        if not publisher.first_sync.is_set() and not _start_stale(publisher, stats, live):
+            return 1  # the publisher stopped: logged there
         code = supervisor.spawn()
         if code is not None:
             return code
@@ -125,3 +141,34 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         session.stop()
         inbox.put(Ended())
         publisher.done.wait(5.0)
+        if hook is not None:
+            hook.stop()
+
+
+def _once_result(publisher: Publisher, writer: SnapshotWriter, stats: Stats, timeout: float) -> int:
+    """--once: 0 if a snapshot is live and --check did not refuse it; else 1, said why."""
+    if publisher.first_sync.is_set():
+        return 1 if publisher.first_rejected else 0
+    if not publisher.done.is_set():
+        log.error("giving up: no snapshot within %gs: %s", timeout, stats.health()[1])
+    if writer.made_target and writer.serving is None:
+        abandon(writer.target)
+    return 1
+
+
+def _start_stale(publisher: Publisher, stats: Stats, live: str | None) -> bool:
+    """--stale-start: whether the child may start on the snapshot a previous run left
+    (etcd did not answer in time); the first snapshot from etcd then signals it."""
+    if publisher.done.is_set() or live is None:
+        return False
+    stats.stale_since = f"{describe_snapshot(live)}, left by an earlier run"
+    if publisher.first_sync.is_set():  # it came after all: nothing stale (see Publisher)
+        stats.stale_since = None
+        return True
+    log.warning(
+        "etcd has not answered: starting the child on the previous run's snapshot (%s); %s",
+        stats.stale_since,
+        stats.last_error or "no answer yet",
+        extra=fields("stale_start"),
+    )
+    return True

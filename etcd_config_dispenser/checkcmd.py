@@ -1,9 +1,10 @@
-"""--check: run a command over the snapshot just made live; its exit code and output tail.
+"""--check and --on-change: run a command to its end; its exit code and output tail.
 
-Like confd's ``check_cmd``. The command is started through the supervisor's
-``own`` so that the reaper leaves its exit status to us, and its output goes
-through a pipe of which only the last CHECK_OUTPUT_MAX bytes are ever held:
-a check that prints 300 MB costs no memory.
+--check is like confd's ``check_cmd``, --on-change like its ``reload_cmd``.
+The command is started through the supervisor's ``own`` so that the reaper
+leaves its exit status to us, and its output goes through a pipe of which
+only the last CHECK_OUTPUT_MAX bytes are ever held: a check that prints
+300 MB costs no memory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def run_check(
     env: Mapping[str, str],
     supervisor: Supervisor,
     timeout: float = CHECK_TIMEOUT,
+    what: str = "check",
 ) -> tuple[int, str]:
     """Run ``sh -c command`` to the end; its exit code and the tail of its output."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -47,10 +49,10 @@ def run_check(
             try:
                 pid = stack.enter_context(supervisor.own(start))
             except OSError as err:  # a check that cannot run has not passed
-                return 127, f"cannot run the check: {err}"
+                return 127, f"cannot run the {what}: {err}"
             os.close(write_end)
             write_end = -1
-            status = _wait(pid, read_end, tail, timeout)
+            status = _wait(pid, read_end, tail, timeout, what)
     finally:
         os.close(read_end)
         if write_end != -1:
@@ -58,7 +60,7 @@ def run_check(
     return exit_code(status), tail.decode(errors="replace")
 
 
-def _wait(pid: int, output: int, tail: bytearray, timeout: float) -> int:
+def _wait(pid: int, output: int, tail: bytearray, timeout: float, what: str) -> int:
     """Keep the tail of the output until the process exits; its wait status."""
     deadline = time.monotonic() + timeout
     status: int | None = None
@@ -82,7 +84,7 @@ def _wait(pid: int, output: int, tail: bytearray, timeout: float) -> int:
         if done:
             status = wait_status
         elif time.monotonic() > deadline:
-            log.warning("check still running after %.0fs: SIGKILL", timeout)
+            log.warning("%s still running after %.0fs: SIGKILL", what, timeout)
             os.kill(pid, signal.SIGKILL)
             deadline = float("inf")
 

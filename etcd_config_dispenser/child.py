@@ -194,13 +194,17 @@ class Supervisor:
                 return False
             return True
 
-    def wait_for(self, *events: threading.Event, poll: float = 0.05) -> int | None:
-        """Before the child starts: wait until one of ``events`` is set.
+    def wait_for(
+        self, *events: threading.Event, poll: float = 0.05, timeout: float | None = None
+    ) -> int | None:
+        """Before the child starts: wait until one of ``events`` is set (or ``timeout``
+        seconds passed).
 
         Returns None then, or the signal number of a terminating signal that
         arrived first (there is nothing to forward it to yet).
         """
-        while not any(event.is_set() for event in events):
+        give_up = time.monotonic() + timeout if timeout is not None else float("inf")
+        while not any(event.is_set() for event in events) and time.monotonic() < give_up:
             signum = wait_signal(poll)
             if signum in TERMINATING:
                 return signum

@@ -1,7 +1,9 @@
 """etcd-config-dispenser: etcd keys as files, kept current, one snapshot a change.
 
 Usage:
-  etcd-config-dispenser --prefix=PREFIX --target=DIR [options] [--] [CMD...]
+  etcd-config-dispenser --prefix=PREFIX --target=DIR [options]
+                        [--include=GLOB]... [--exclude=GLOB]...
+                        [--file-mode=RULE]... [--require=KEY]... [--] [CMD...]
   etcd-config-dispenser (-h | --help | --version)
 
 Each etcd transaction becomes one snapshot directory under DIR, made live at
@@ -25,8 +27,32 @@ Options:
                          fails, the previous snapshot is put back, CMD is
                          not signalled and the output is logged. Not run
                          for the first snapshot into an empty target.
-  --once                 Write the snapshot, then exit 0 (non-zero if etcd
-                         cannot be read); takes no CMD.
+  --include=GLOB         Take only keys matching GLOB, relative to the
+                         prefix ("*" matches "/" too); repeatable.
+  --exclude=GLOB         Leave out keys matching GLOB (neither written nor
+                         warned about); repeatable; wins over --include.
+  --file-mode=RULE       GLOB=MODE[:USER[:GROUP]]: files matching GLOB get
+                         MODE (and owner) instead of --mode; the first
+                         matching rule wins; repeatable. E.g. "*.key=0600".
+  --require=KEY          Publish nothing, start no CMD and do not succeed
+                         with --once while KEY (relative to the prefix) is
+                         missing; repeatable.
+  --on-change=HOOK       After each change is live (and CMD signalled), run
+                         HOOK with sh -c, with DISPENSER_REVISION,
+                         DISPENSER_WRITTEN and DISPENSER_REMOVED (paths, one
+                         a line) in its environment; one at a time, changes
+                         meanwhile go to the next run. E.g. "systemctl
+                         reload nginx".
+  --on-change-timeout=SECS
+                         Kill HOOK after this long [default: 60].
+  --stale-start=SECS     If etcd has not answered SECS after the start and
+                         DIR holds a previous run's snapshot, start CMD with
+                         it (/healthz says stale); etcd's data replaces it
+                         as soon as it comes.
+  --once                 Write the snapshot, then exit 0 (1 if none could be
+                         written within --timeout); takes no CMD.
+  --timeout=SECS         With --once: how long to wait for etcd and for
+                         the required keys [default: 60].
   --kill-timeout=SECS    After forwarding SIGTERM, SIGINT or SIGQUIT, wait
                          this long for CMD to exit, then SIGKILL it
                          [default: 10].
@@ -47,7 +73,9 @@ Options:
 
 Every option can also be set in the environment: DISPENSER_ and its name
 in capitals, "_" for "-" (DISPENSER_PREFIX, DISPENSER_KILL_TIMEOUT,
-DISPENSER_ONCE=true). A flag on the command line wins.
+DISPENSER_ONCE=true); a repeatable one takes values separated by commas
+(DISPENSER_EXCLUDE=production-account,*.bak).
+A flag on the command line wins.
 
 Environment (each NAME also as NAME_FILE, read from that file; none of
 them reaches CMD):
@@ -83,9 +111,10 @@ from typing import NoReturn
 from docopt import DocoptExit, docopt
 
 from . import __version__, config
-from .keys import normalise_prefix
+from .keys import InvalidKey, key_to_relpath, normalise_prefix
 from .logs import setup_logging
 from .options import Options
+from .rules import FileRule, KeySelection
 
 log = logging.getLogger("etcd_config_dispenser")
 USAGE = __doc__ or ""
@@ -139,7 +168,7 @@ def _check_flags(argv: list[str]) -> None:
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise UsageError(f"unknown option {name}{hint}")
         long = options[name][0]
-        if long in seen:
+        if long in seen and long not in REPEATABLE:
             raise UsageError(f"{long} is given twice")
         seen.add(long)
 
@@ -247,12 +276,48 @@ def parse_address(text: str | None) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def parse_file_rule(text: str) -> FileRule:
+    """--file-mode=GLOB=MODE[:USER[:GROUP]]; the last "=" separates (a glob may hold one)."""
+    glob, sep, spec = text.rpartition("=")
+    if not sep or not glob:
+        raise UsageError(f"--file-mode: {text!r} is not GLOB=MODE[:USER[:GROUP]]")
+    mode_text, _, owner = spec.partition(":")
+    user, _, group = owner.partition(":")
+    try:
+        mode = parse_mode(mode_text)
+    except UsageError:
+        raise UsageError(f"--file-mode: {mode_text!r} in {text!r} is not an octal mode") from None
+    uid = parse_id(user or None, "--file-mode", "user")
+    gid = parse_id(group or None, "--file-mode", "group")
+    if os.geteuid() != 0 and (uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid())):
+        raise UsageError(f"--file-mode: {text!r}: changing the owner needs root")
+    return FileRule(glob, mode, uid, gid)
+
+
+def parse_required(keys: list[str], prefix: bytes, selection: KeySelection) -> tuple[str, ...]:
+    """--require: keys relative to the prefix (the full key is accepted too), which the
+    key rules and --include/--exclude must let through, or they could never arrive."""
+    required = []
+    for key in keys:
+        raw = key.encode("utf-8", "surrogateescape")
+        full = raw if raw.startswith(prefix) else prefix + raw.lstrip(b"/")
+        try:
+            rel = key_to_relpath(full, prefix)
+        except InvalidKey as err:
+            raise UsageError(f"--require: {key!r} {err}") from None
+        if not selection.takes(rel):
+            raise UsageError(f"--require: {key!r} is left out by --include/--exclude")
+        required.append(rel)
+    return tuple(required)
+
+
 def parse_choice(text: str, flag: str, choices: tuple[str, ...]) -> str:
     if text not in choices:
         raise UsageError(f"{flag}: {text!r} is not one of {', '.join(choices)}")
     return text
 
 
+REPEATABLE = ("--include", "--exclude", "--file-mode", "--require")
 ENV_PREFIX = "DISPENSER_"  # not ETCD_: etcd server reads ETCD_<FLAG> itself
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
@@ -275,7 +340,9 @@ def _with_environment(
         if value is None or long in given or long in ("--help", "--version"):
             continue
         origin[long] = env_name(long)
-        if takes_value:
+        if long in REPEATABLE:
+            added += [f"{long}={item}" for item in value.split(",") if item]
+        elif takes_value:
             added.append(f"{long}={value}")
         elif value.strip().lower() in TRUE_WORDS:
             added.append(long)
@@ -316,8 +383,19 @@ def _parse(argv: list[str]) -> Options:
         raise UsageError("--target: must not be empty")
     if args["--once"] and args["CMD"]:
         raise UsageError("--once: takes no command")
+    prefix = normalise_prefix(args["--prefix"])
+    selection = KeySelection(tuple(args["--include"]), tuple(args["--exclude"]))
     return Options(
-        prefix=normalise_prefix(args["--prefix"]),
+        selection=selection,
+        file_rules=tuple(parse_file_rule(rule) for rule in args["--file-mode"]),
+        require=parse_required(args["--require"], prefix, selection),
+        on_change=args["--on-change"] or None,
+        on_change_timeout=parse_seconds(args["--on-change-timeout"], "--on-change-timeout"),
+        stale_start=(
+            parse_seconds(args["--stale-start"], "--stale-start") if args["--stale-start"] else None
+        ),
+        timeout=parse_seconds(args["--timeout"], "--timeout"),
+        prefix=prefix,
         target=Path(args["--target"]).absolute(),
         signal=parse_signal(args["--signal"]),
         mode=parse_mode(args["--mode"]),

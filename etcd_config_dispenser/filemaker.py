@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 from .fsops import Tree, lstat_at, open_dir, remove_at
 from .layout import POOL_DIR
+from .rules import FileAttributes, FileRule
 
 POOL_SIZE = 8  # empty files kept ready for the next change
 POOL_OPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -43,11 +44,14 @@ class FileMaker:
     into place once written.
     """
 
-    def __init__(self, mode: int = 0o600, uid: int = -1, gid: int = -1) -> None:
+    def __init__(
+        self, mode: int = 0o600, uid: int = -1, gid: int = -1, rules: tuple[FileRule, ...] = ()
+    ) -> None:
         self.mode = mode
         self.dir_mode = dir_mode(mode)
         self.uid = uid
         self.gid = gid
+        self.attributes = FileAttributes(mode, uid, gid, rules)  # --file-mode, per path
         self.pool: list[str] = []  # names of empty files in ..pool
         self._pool_serial = 0
 
@@ -107,6 +111,8 @@ class FileMaker:
         else:
             fd = pooled[1]
         try:
+            if self.attributes.rules:
+                self._follow_rules(fd, rel)
             view = memoryview(value)
             while view:
                 view = view[os.write(fd, view) :]
@@ -121,6 +127,15 @@ class FileMaker:
                     os.unlink(pooled[0], dir_fd=pool)
             raise
         return fd
+
+    def _follow_rules(self, fd: int, rel: str) -> None:
+        """--file-mode: the first matching rule's mode and owner, before any byte is
+        written (a reader never sees the value under the default mode)."""
+        mode, uid, gid = self.attributes.of(rel)
+        if mode != self.mode:
+            os.fchmod(fd, mode)
+        if (uid, gid) != (self.uid, self.gid):
+            os.fchown(fd, uid, gid)
 
     def _take_pooled(self, pool: int) -> tuple[str, int] | None:
         """An empty file of ours from the pool, open for writing; None if none is left.

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -43,6 +43,10 @@ class Stats:
     skipped_keys: int = 0  # keys not written now: refused by the key rules, or shadowed
     files: int = 0  # files in the live snapshot
     check_failures: int = 0
+    on_change_failures: int = 0
+    on_change_error: str = ""  # why the last --on-change run failed, until one succeeds
+    missing_required: list[str] = field(default_factory=list)  # --require keys not in etcd
+    stale_since: str | None = None  # --stale-start: the child runs on this earlier snapshot
     publisher_running: Callable[[], bool] = lambda: True
 
     def etcd_answered(self, reconnect: bool = False) -> None:
@@ -89,8 +93,16 @@ class Stats:
         """(healthy, reason): a snapshot is live, the target writable, etcd answered recently."""
         if self.write_error:
             return False, f"cannot write the target: {self.write_error}; {self.serving_text()}"
+        if self.missing_required:
+            missing = ", ".join(repr(p) for p in self.missing_required)
+            return False, f"waiting for required keys: {missing}; {self.serving_text()}"
+        if self.stale_since is not None:
+            why = self.last_error or "no answer yet"
+            return False, f"serving stale data: {self.stale_since}, etcd: {why}"
         if not self.first_sync:
             return False, f"no snapshot yet: {self.last_error or 'first read in progress'}"
+        if self.on_change_error:
+            return False, f"--on-change failed: {self.on_change_error}; serving r{self.revision}"
         if not self.connected:
             return False, f"etcd unavailable, serving r{self.revision}: {self.last_error}"
         quiet = time.monotonic() - self.last_ok
@@ -137,12 +149,14 @@ def _metrics(stats: Stats) -> bytes | None:
             failures = CounterMetricFamily(
                 prefix + "sync_failures",
                 "attempts to deliver a change that failed, by reason: etcd (reading or "
-                "following etcd), write (the target), check (rejected by --check)",
+                "following etcd), write (the target), check (rejected by --check), "
+                "on_change (the --on-change command failed)",
                 labels=["reason"],
             )
             failures.add_metric(["etcd"], stats.etcd_failures)
             failures.add_metric(["write"], stats.write_failures)
             failures.add_metric(["check"], stats.check_failures)
+            failures.add_metric(["on_change"], stats.on_change_failures)
             yield failures
             info = GaugeMetricFamily(prefix + "build_info", "always 1; the version as a label",
                                      labels=["version"])  # fmt: skip

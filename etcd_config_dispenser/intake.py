@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from .events import Batch, FullRead
 from .keys import InvalidKey, KeyTree, key_to_relpath, show
+from .rules import KeySelection
 
 log = logging.getLogger(__name__)
 
@@ -18,14 +19,22 @@ log = logging.getLogger(__name__)
 class KeyIntake:
     """Applies full reads and watch batches to a KeyTree under the key rules."""
 
-    def __init__(self, prefix: bytes, max_path: int) -> None:
+    def __init__(self, prefix: bytes, max_path: int, selection: KeySelection | None = None) -> None:
         self.prefix = prefix
         self.max_path = max_path
+        self.selection = selection or KeySelection()  # --include/--exclude
         self.tree = KeyTree()
         self._invalid: set[bytes] = set()  # keys in etcd now that the key rules refuse
 
     def _relpath(self, key: bytes, revision: int, deleted: bool = False) -> str | None:
-        """The key's path, or None (and, unless it was deleted, a warning) if refused."""
+        """The key's path, or None (and, unless it was deleted, a warning) if refused.
+
+        A key left out by --include/--exclude is not looked at at all: neither
+        written nor warned about, whatever its name."""
+        if self.selection and key.startswith(self.prefix):
+            rel = key[len(self.prefix) :].decode("utf-8", "surrogateescape")
+            if not self.selection.takes(rel):
+                return None
         try:
             path = key_to_relpath(key, self.prefix, self.max_path)
         except InvalidKey as err:

@@ -50,6 +50,15 @@ def snapshot_name(revision: int, now_ns: int | None = None) -> str:
     return f"{RESERVED_PREFIX}{stamp}.{ns % 1_000_000_000:09d}.r{revision}"
 
 
+def describe_snapshot(name: str) -> str:
+    """'..2026_11_25_10_00_00.000000123.r42' -> 'r42 of 2026-11-25 10:00:00 UTC'."""
+    if not is_snapshot_name(name):
+        return repr(name)
+    stamp, _, revision = name[len(RESERVED_PREFIX) :].rpartition(".")
+    day, hour = stamp[:10].replace("_", "-"), stamp[11:19].replace("_", ":")
+    return f"{revision} of {day} {hour} UTC"
+
+
 def top_link_text(name: str) -> str:
     """What the user-visible link for a top-level name points to."""
     return f"{DATA_LINK}/{name}"

@@ -26,6 +26,17 @@ def fields(event: str, **facts: Any) -> dict[str, Any]:
     return {"event": event, **facts}
 
 
+def printable(line: str) -> str:
+    """A line of a command's output for the log: control characters escaped, so that
+    output cannot forge log lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
+
+def output_tail(output: str, lines: int = 5) -> str:
+    """The last lines of a command's output, printable, on one log line."""
+    return " | ".join(printable(line) for line in output.strip().splitlines()[-lines:])
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, then the event's fields."""
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .rules import FileRule, KeySelection
 
 
 @dataclass(frozen=True)
@@ -24,3 +26,10 @@ class Options:
     log_level: str
     log_format: str
     command: list[str]
+    selection: KeySelection = field(default_factory=KeySelection)  # --include, --exclude
+    file_rules: tuple[FileRule, ...] = ()  # --file-mode
+    require: tuple[str, ...] = ()  # paths relative to the target
+    on_change: str | None = None
+    on_change_timeout: float = 60.0
+    stale_start: float | None = None  # seconds
+    timeout: float = 60.0  # --once: seconds to get a snapshot

@@ -14,13 +14,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .events import Ended, Event, FullRead
 from .health import Stats
 from .intake import KeyIntake
 from .keys import show
-from .logs import fields
+from .logs import fields, output_tail
+from .rules import KeySelection
 from .snapshot import Published, SnapshotWriter, max_key_path
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,34 @@ def retry_delay(failures: int, most: float = RETRY_MAX) -> float:
     return float(min(most, RETRY_FIRST * 2 ** max(0, failures - 1)))
 
 
+class RequiredKeys:
+    """--require: no snapshot without these paths. Not only none at the start: a
+    certificate deleted by mistake must not take the key nginx needs with it."""
+
+    def __init__(self, paths: Collection[str], stats: Stats) -> None:
+        self.paths = frozenset(paths)
+        self.stats = stats
+        self._missing: frozenset[str] = frozenset()  # as last logged
+
+    def lacking(self, files: Collection[str], revision: int) -> bool:
+        """Whether one is missing from ``files``; logged when what is missing changes."""
+        missing = frozenset(p for p in self.paths if p not in files)
+        if missing != self._missing:
+            self._missing = missing
+            self.stats.missing_required = sorted(missing)
+            if missing:
+                log.warning(
+                    "r%d: waiting for required keys: %s; %s",
+                    revision,
+                    ", ".join(show(p) for p in sorted(missing)),
+                    self.stats.serving_text(),
+                    extra=fields("required_missing", revision=revision),
+                )
+            else:
+                log.info("r%d: every required key is there", revision)
+        return bool(missing)
+
+
 class Publisher:
     """Keeps the target equal to what etcd said, one snapshot per batch of changes."""
 
@@ -55,6 +84,9 @@ class Publisher:
         wait: tuple[float, float] | None = None,
         check: Callable[[], tuple[int, str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        selection: KeySelection | None = None,
+        required: Collection[str] = (),
+        on_change: Callable[[int, list[str], list[str]], None] | None = None,
     ) -> None:
         self.writer = writer
         self.inbox = inbox
@@ -65,7 +97,9 @@ class Publisher:
         self.wait = wait  # (quiet, most) seconds, or None: publish every change at once
         self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
         self.clock = clock
-        self.keys = KeyIntake(prefix, max_key_path(writer.target))
+        self.keys = KeyIntake(prefix, max_key_path(writer.target), selection)
+        self.required = RequiredKeys(required, stats)  # --require: no snapshot without them
+        self.on_change = on_change  # --on-change: told of each change made live
         self._rejected: tuple[int, str] | None = None  # --check failed, not yet put back
         self.first_sync = threading.Event()  # a snapshot is live: the child may start
         self.done = threading.Event()  # the thread has ended
@@ -115,7 +149,9 @@ class Publisher:
                 if now < window_closes(*window, *self.wait):
                     continue
                 window = None
-            if owed is not None and (retry_at is None or now >= retry_at):
+            if owed is not None and self.required.lacking(self.keys.tree.files, owed):
+                pass  # the changes stay owed: published once the keys are there
+            elif owed is not None and (retry_at is None or now >= retry_at):
                 try:
                     self._publish(owed, changed)
                 except OSError as err:  # SnapshotError, or the target failing us otherwise
@@ -189,45 +225,33 @@ class Publisher:
             code, output = self.check()
             if code != 0:
                 self.stats.check_failures += 1
-                lines = [_printable(line) for line in output.strip().splitlines()[-5:]]
-                tail = " | ".join(lines) or "no output"
+                tail = output_tail(output) or "no output"
                 self._rejected = (revision, f"exit code {code}: {tail}")
                 self._reject(*self._rejected, first)
                 return
         self.stats.served(revision, result.name, len(self.keys.tree.files) - len(result.failed))
-        files = len(self.keys.tree.files)
+        _log_published(revision, result, len(self.keys.tree.files), first, self.prefix)
         if first:
-            log.info(
-                "r%d: first snapshot live, %d files",
-                revision,
-                files,
-                extra=fields("first_sync", revision=revision, files=files),
-            )
             self.first_sync.set()
+            if self.stats.stale_since is not None:  # the child runs on a previous run's files
+                self.stats.stale_since = None
+                self._signal(revision)
         else:
-            log.info(
-                "r%d: wrote %s; removed %s",
-                revision,
-                _names(result.written),
-                _names(result.removed),
-                extra=fields(
-                    "published",
-                    revision=revision,
-                    files=files,
-                    written=result.written,
-                    removed=result.removed,
-                ),
-            )
-            sent = self.notify()
-            if sent is not None:
-                self.stats.signals += 1
-                log.info(
-                    "r%d: sent %s to child pid %d",
-                    revision,
-                    *sent,
-                    extra=fields("signalled", revision=revision, signal=sent[0], pid=sent[1]),
-                )
+            self._signal(revision)
+        if self.on_change is not None:
+            self.on_change(revision, result.written, result.removed)
         self.writer.settle()
+
+    def _signal(self, revision: int) -> None:
+        sent = self.notify()
+        if sent is not None:
+            self.stats.signals += 1
+            log.info(
+                "r%d: sent %s to child pid %d",
+                revision,
+                *sent,
+                extra=fields("signalled", revision=revision, signal=sent[0], pid=sent[1]),
+            )
 
     def _reject(self, revision: int, why: str, first: bool) -> None:
         """--check failed: put the previous snapshot back, no signal; the writer owes the
@@ -249,9 +273,37 @@ class Publisher:
         self.writer.settle()
 
 
-def _printable(line: str) -> str:
-    """A line of a command's output for the log: control characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+def _log_published(
+    revision: int, result: Published, files: int, first: bool, prefix: bytes
+) -> None:
+    if first:
+        log.info(
+            "r%d: first snapshot live, %d files",
+            revision,
+            files,
+            extra=fields("first_sync", revision=revision, files=files),
+        )
+        if not files:
+            log.warning(
+                "r%d: no key under the prefix %r (or none that --include/--exclude take): "
+                "is the prefix right?",
+                revision,
+                prefix.decode(errors="replace"),
+            )
+        return
+    log.info(
+        "r%d: wrote %s; removed %s",
+        revision,
+        _names(result.written),
+        _names(result.removed),
+        extra=fields(
+            "published",
+            revision=revision,
+            files=files,
+            written=result.written,
+            removed=result.removed,
+        ),
+    )
 
 
 def _names(paths: list[str], most: int = 10) -> str:

@@ -44,6 +44,7 @@ class Inventory:
     debris: list[str] = field(default_factory=list)  # ours and not live: to remove
     links: list[str] = field(default_factory=list)  # top-level links of ours
     problems: list[str] = field(default_factory=list)  # not ours: one description each
+    created: bool = False  # the target did not exist: made by open_target
 
 
 def _kind(st: os.stat_result) -> str:
@@ -163,11 +164,16 @@ def inspect(target_fd: int) -> Inventory:
 def open_target(target: Path, make_dir: Callable[[int | None, str], None]) -> tuple[int, Inventory]:
     """Make the target if it is missing, open it, and clean it (see ``clean``)."""
     os.makedirs(target.parent, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
+    created = True
+    try:
         make_dir(None, str(target))
+    except FileExistsError:
+        created = False
     fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return fd, clean(fd, str(target))
+        found = clean(fd, str(target))
+        found.created = created
+        return fd, found
     except OSError:
         os.close(fd)
         raise
@@ -189,3 +195,11 @@ def clean(target_fd: int, where: str) -> Inventory:
         log.log(level, "recover: removing %r, left by an earlier run", name)
         remove_at(target_fd, name)
     return found
+
+
+def abandon(target: Path) -> None:
+    """Nothing was published and nothing will be (--once failed) in a target this run
+    made: remove it if it is still empty, so that no empty directory looks like a
+    delivered one. Anything in it (someone else's) keeps it."""
+    with contextlib.suppress(OSError):
+        os.rmdir(target)

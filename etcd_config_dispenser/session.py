@@ -31,7 +31,6 @@ HEALTHY_AFTER = 10.0  # a watch that lasted this long resets the backoff
 # everything is read again: a dead watch is noticed within about 5 s.
 LIVENESS_INTERVAL = 3.0
 LIVENESS_TIMEOUT = 2.0
-ONCE_ATTEMPTS = 4  # --once gives up after this many failed reads (about 3 s)
 
 
 class EtcdSession:
@@ -43,7 +42,6 @@ class EtcdSession:
         inbox: queue.Queue[Event],
         stats: Stats,
         backoff_max: float = 30.0,
-        once: bool = False,
         liveness_interval: float = LIVENESS_INTERVAL,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
@@ -51,7 +49,6 @@ class EtcdSession:
         self.inbox = inbox
         self.stats = stats
         self.backoff_max = backoff_max
-        self.once = once
         self.liveness_interval = liveness_interval
         self.stopping = threading.Event()
         self.sleep = sleep or self._sleep
@@ -66,18 +63,13 @@ class EtcdSession:
         self.source.interrupt()
 
     def run(self) -> None:
-        """Until stopped (or, with --once, one full read): each failure logged, then retried."""
+        """Until stopped: each failure logged, then retried (--once: the app stops it)."""
         error: str | None = None
         try:
             while not self.stopping.is_set():
                 try:
                     self._retrying()(self._session)
-                except EtcdUnavailable as err:
-                    if not self.stopping.is_set():  # only --once gives up
-                        error = f"giving up: {err}"
-                        log.error("%s", error)
-                    return
-                if self.once:
+                except EtcdUnavailable:  # only when stopped
                     return
         except Exception:  # a bug: logged whole; the publisher ends, the supervisor stops
             log.exception("etcd session failed")
@@ -87,9 +79,7 @@ class EtcdSession:
             self.inbox.put(Ended(error))
 
     def _retrying(self) -> tenacity.Retrying:
-        stop: tenacity.stop.stop_base = tenacity.stop_when_event_set(self.stopping)
-        if self.once:
-            stop = stop | tenacity.stop_after_attempt(ONCE_ATTEMPTS)
+        stop = tenacity.stop_when_event_set(self.stopping)
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(EtcdUnavailable),
             # Exponential with jitter, never above --backoff-max: half of it
@@ -137,8 +127,6 @@ class EtcdSession:
         )
         self.stats.etcd_answered(reconnect=True)
         self.inbox.put(FullRead(revision, kvs))
-        if self.once:
-            return
         started = time.monotonic()
         watching = threading.Event()
         threading.Thread(

@@ -41,6 +41,7 @@ from .keys import MAX_PATH
 from .layout import DATA_LINK, SNAPSHOT_NAME_MAX, TMP_LINK, snapshot_name
 from .ledger import Ledger, Snap
 from .links import TopLinks
+from .rules import FileRule
 
 log = logging.getLogger(__name__)
 
@@ -78,30 +79,32 @@ class SnapshotWriter:
         defer_first_sync: bool = False,
         max_spares: int = MAX_SPARES,
         min_grace: float = MIN_GRACE,
+        file_rules: tuple[FileRule, ...] = (),
     ) -> None:
         self.target = target
-        self._maker = FileMaker(mode, uid, gid)
+        self._maker = FileMaker(mode, uid, gid, file_rules)
         self.clock = clock
         self.defer_first_sync = defer_first_sync
         self.ledger = Ledger(grace, max_spares, min_grace)
         self._links = TopLinks()
         self._fd = -1  # the target, open from recover() on
         self._unsynced = False  # the first snapshot waits for settle() to be synced
+        self.made_target = False  # recover() made the target (see recovery.abandon)
 
     # -- start-up ---------------------------------------------------------
 
     def recover(self) -> str | None:
         """Open the target, clean up after a crash, adopt the live snapshot; its name.
 
-        Only entries that are provably ours are removed (see ``recovery``);
-        if anything else is there, recovery.TargetRefused names it and nothing at all
-        is removed. The live snapshot keeps being served until the first
-        publish replaces it.
+        Only entries that are provably ours are removed (see ``recovery``); if
+        anything else is there, TargetRefused names it and nothing is removed.
+        The live snapshot is served until the first publish replaces it.
         """
         self._fd, found = recovery.open_target(self.target, self._maker.mkdir)
         self._links.adopt(found.links, found.live_files)
         self._housekeeper = Housekeeper(self._fd, self.ledger, self._maker, self._links, self.clock)
         self.ledger.adopted = found.live
+        self.made_target = found.created
         return found.live
 
     @property

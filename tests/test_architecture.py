@@ -22,6 +22,7 @@ LAYERS = [
     "layout",  # the on-disk names
     "fsops",  # filesystem primitives
     "keys",  # key -> path rules
+    "rules",  # the operator's globs: keys taken, file modes
     "events",  # what flows from etcd to the files, as plain data
     "options",
     "config",  # etcd settings from the environment
@@ -37,6 +38,7 @@ LAYERS = [
     "session",  # etcd side: read, watch, retry
     "child",  # the child: spawn, signal, reap
     "checkcmd",  # --check, started through the child supervisor
+    "onchange",  # --on-change, on its own thread
     "publisher",  # file side: intake -> snapshot -> signal
     "app",
     "cli",

@@ -175,10 +175,11 @@ def test_once_with_etcd_down_fails_with_a_message(
 ) -> None:
     from helpers import free_port
 
-    proc = dispenser("--once", env={"ETCD_ENDPOINTS": f"127.0.0.1:{free_port()}"})
+    proc = dispenser("--once", "--timeout=3", env={"ETCD_ENDPOINTS": f"127.0.0.1:{free_port()}"})
     assert proc.wait(30) == 1
-    assert "giving up" in proc.log() and "UNAVAILABLE" in proc.log()
+    assert "giving up: no snapshot within 3s" in proc.log() and "UNAVAILABLE" in proc.log()
     assert "Traceback" not in proc.log()
+    assert not target.exists()  # no empty directory that looks delivered
 
 
 def test_installed_console_script_talks_to_etcd(

@@ -26,7 +26,7 @@ def tls_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
 
 def run_once(tmp_path: Path, server: EtcdServer, env: dict[str, str]) -> DispenserProcess:
     proc = DispenserProcess(
-        ["--once", "--prefix=/certs", f"--target={tmp_path / 'config'}"],
+        ["--once", "--timeout=4", "--prefix=/certs", f"--target={tmp_path / 'config'}"],
         {"ETCD_ENDPOINTS": f"https://127.0.0.1:{server.client_port}", **env},
         tmp_path / "dispenser.log",
     )
