@@ -8,8 +8,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # python3-venv: a minimal Debian has python3 without venv and ensurepip.
 APT_PACKAGES := etcd-server etcd-client nginx-light openssl curl python3-venv
-# What the installed package is made of: a change to any of them reinstalls it.
-SOURCES := $(wildcard etcd_config_dispenser/*.py) setup.cfg pyproject.toml
+# What the installed package is made of: a change to any of them reinstalls it
+# (the directory too: its time changes when a module is removed or renamed).
+SOURCES := etcd_config_dispenser $(wildcard etcd_config_dispenser/*.py) setup.cfg pyproject.toml \
+	README.md
 
 .PHONY: all deps venv install install-run test lint demo bench clean
 
@@ -28,7 +30,7 @@ deps:
 	fi
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "run 'make deps' first (python3-venv)"; exit 1; }
 	$(BIN)/python -m pip install -q --upgrade pip
 
 venv: $(BIN)/python

@@ -150,7 +150,13 @@ def _once_result(publisher: Publisher, writer: SnapshotWriter, stats: Stats, tim
     if publisher.first_sync.is_set():
         return 1 if publisher.first_rejected else 0
     if not publisher.done.is_set():
-        log.error("giving up: no snapshot within %gs: %s", timeout, stats.health()[1])
+        why = stats.health()[1]
+        log.error(
+            "giving up: no snapshot within %gs: %s",
+            timeout,
+            why,
+            extra=fields("gave_up", error=why),
+        )
     if writer.made_target and writer.serving is None:
         abandon(writer.target)
     return 1

@@ -141,10 +141,19 @@ class Supervisor:
                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores these
             )
         except FileNotFoundError:
-            log.error("cannot start %s: command not found", self.argv[0])
+            log.error(
+                "cannot start %s: command not found",
+                self.argv[0],
+                extra=fields("child_not_started", exit_code=127),
+            )
             return 127
         except OSError as err:  # not executable, not a program, a file in the path...
-            log.error("cannot start %s: %s", self.argv[0], err.strerror)
+            log.error(
+                "cannot start %s: %s",
+                self.argv[0],
+                err.strerror,
+                extra=fields("child_not_started", exit_code=126, error=err.strerror),
+            )
             return 126
         with self._lock:
             self.pid = pid

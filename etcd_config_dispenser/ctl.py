@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import NoReturn
 
 import etcd3.etcdrpc as rpc
@@ -19,7 +19,7 @@ import grpc
 from docopt import DocoptExit, docopt
 
 from . import __version__, config
-from .keys import InvalidKey, key_to_relpath, normalise_prefix
+from .keys import InvalidKey, KeyTree, key_to_relpath, normalise_prefix
 from .source import EtcdSource, EtcdUnavailable, describe, range_end
 
 PROG = "etcd-config-ctl"
@@ -39,14 +39,17 @@ Options:
   -p, --prefix=PREFIX   etcd prefix, as given to the dispenser.
   --delete-others       also delete every other key under PREFIX, in the same
                         transaction: afterwards it holds exactly these names.
+                        (2N+1 operations for N names: etcd's --max-txn-ops,
+                        default 128, allows 63.)
   -h, --help            show this help.
   --version             show the version.
 
 The etcd connection comes from the dispenser's environment variables
 (ETCD_ENDPOINTS, ETCD_USERNAME, ETCD_PASSWORD, TLS; each with a _FILE form).
-Exit status: 0 written, 1 etcd failed (nothing written), 2 bad arguments.
+Exit status: 0 written; 1 etcd failed or refused, nothing written; 2 bad
+arguments; 3 no answer to the transaction: it may or may not be written
+(running the same command again is safe).
 """
-ATTEMPTS = 5  # --delete-others: tries while other writers keep adding keys
 
 
 class UsageError(ValueError):
@@ -56,6 +59,7 @@ class UsageError(ValueError):
 def parse_items(words: list[str], prefix: bytes) -> dict[bytes, bytes]:
     """NAME=FILE words -> {key: bytes}, each name checked by the key rules, each file read."""
     items: dict[bytes, bytes] = {}
+    stdin_used = False
     for word in words:
         name, sep, path = word.partition("=")
         if not sep or not name or not path:
@@ -67,10 +71,18 @@ def parse_items(words: list[str], prefix: bytes) -> dict[bytes, bytes]:
             raise UsageError(f"name {name!r} {err}") from None
         if key in items:
             raise UsageError(f"name {name!r} is given twice")
+        if path == "-" and stdin_used:
+            raise UsageError(f"{word!r}: standard input is given twice")
+        stdin_used = stdin_used or path == "-"
         try:
             items[key] = sys.stdin.buffer.read() if path == "-" else _read(path)
         except OSError as err:
             raise UsageError(f"{path}: {err.strerror or err}") from None
+    tree = KeyTree()
+    for key in items:
+        tree.put(key_to_relpath(key, prefix), b"")
+    for path, shadow in tree.hidden():  # the dispenser could write only one of them
+        raise UsageError(f"name {path!r} is under {shadow!r}, which is a file too")
     return items
 
 
@@ -79,51 +91,77 @@ def _read(path: str) -> bytes:
         return file.read()
 
 
+class Unknown(Exception):
+    """The transaction was sent and no answer came: it may or may not have been applied."""
+
+
+# gRPC codes with which etcd refused the request: certainly not applied.
+REFUSED = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+HINTS = {  # etcd's limits, named in the message
+    "too many operations in txn request": "etcd's --max-txn-ops, default 128",
+    "request is too large": "etcd's --max-request-bytes, default 1.5 MiB",
+    "received message larger than max": "etcd's --max-request-bytes, default 1.5 MiB",
+}
+
+
+def gaps(prefix: bytes, keys: Collection[bytes]) -> list[tuple[bytes, bytes]]:
+    """The ranges under ``prefix`` that hold none of ``keys``: deleting them all deletes
+    every other key, in the same transaction as the puts (etcd refuses a delete range
+    that overlaps a put), with no listing and so no race with other writers."""
+    ranges, start = [], prefix
+    for key in sorted(keys):
+        if start < key:
+            ranges.append((start, key))
+        start = key + b"\0"
+    ranges.append((start, range_end(prefix)))
+    return ranges
+
+
 def put_exactly(
     source: EtcdSource, items: Mapping[bytes, bytes], delete_others: bool
-) -> tuple[int, list[bytes]]:
-    """Write ``items`` in one transaction; the revision and the keys deleted.
+) -> tuple[int, int]:
+    """Write ``items`` in one transaction; its revision and how many keys it deleted.
 
-    With ``delete_others``, the keys under the prefix are listed at revision R
-    and the transaction is guarded by "every key under the prefix was created
-    at or before R" (one compare over the whole range): a key another writer
-    created in between fails it, and it is tried again from a new listing.
-    (A key changed or deleted in between needs no guard: it is overwritten or
-    deleted all the same.)
+    The endpoints are tried in turn with a cheap read first; the transaction
+    itself is sent once: if no answer comes, raise Unknown (never "nothing
+    written" when it may have been).
     """
+    for _endpoint in source.config.endpoints:
+        try:
+            source.connect()
+            source.probe(source.timeout)
+            break
+        except EtcdUnavailable as err:
+            failure = err
+            source.skip_endpoint()
+    else:
+        raise failure
     client = source.connected_client()
-    prefix, end = source.prefix, range_end(source.prefix)
-    puts = [rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v)) for k, v in items.items()]
-    for _attempt in range(ATTEMPTS):
-        compare, doomed = [], []
-        if delete_others:
-            listing = client.kvstub.Range(
-                rpc.RangeRequest(key=prefix, range_end=end, keys_only=True),
-                source.timeout,
-                metadata=client.metadata,
-            )
-            seen = int(listing.header.revision)
-            doomed = [kv.key for kv in listing.kvs if kv.key not in items]
-            compare = [
-                rpc.Compare(
-                    key=prefix,
-                    range_end=end,
-                    target=rpc.Compare.CREATE,
-                    result=rpc.Compare.LESS,
-                    create_revision=seen + 1,
-                )
-            ]
-        deletes = [
-            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k)) for k in doomed
+    ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v)) for k, v in items.items()]
+    if delete_others:
+        ops += [
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=start, range_end=end))
+            for start, end in gaps(source.prefix, items)
         ]
-        response = client.kvstub.Txn(
-            rpc.TxnRequest(compare=compare, success=puts + deletes, failure=[]),
-            source.timeout,
-            metadata=client.metadata,
-        )
-        if response.succeeded:
-            return int(response.header.revision), doomed
-    raise EtcdUnavailable(f"keys kept being added under the prefix; tried {ATTEMPTS} times")
+    request = rpc.TxnRequest(compare=[], success=ops, failure=[])
+    try:
+        response = client.kvstub.Txn(request, source.timeout, metadata=client.metadata)
+    except grpc.RpcError as err:
+        text = describe(err, source.endpoint)
+        hint = next((h for words, h in HINTS.items() if words in text), None)
+        text += f" ({hint}; {len(ops)} operations, {request.ByteSize()} bytes)" if hint else ""
+        if err.code() in REFUSED:
+            raise EtcdUnavailable(text) from None
+        raise Unknown(text) from None
+    deleted = sum(r.response_delete_range.deleted for r in response.responses)
+    return int(response.header.revision), deleted
 
 
 def _what_is_wrong(words: list[str]) -> str:
@@ -151,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     except DocoptExit:
         fail(f"{_what_is_wrong(words)}\n{USAGE.split(chr(10) * 2)[1]}", 2)
     prefix = normalise_prefix(args["--prefix"])
-    if prefix == b"/" and args["--prefix"] != "/":
-        fail("--prefix: must not be empty", 2)
+    if prefix == b"/" and args["--delete-others"]:
+        fail("--prefix=/ with --delete-others would delete every key of etcd: refused", 2)
     try:
         items = parse_items(args["NAME=FILE"], prefix)
         etcd = config.load(os.environ)
@@ -163,9 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         revision, deleted = put_exactly(source, items, args["--delete-others"])
     except EtcdUnavailable as err:
         fail(f"nothing written: {err}", 1)
-    except grpc.RpcError as err:
-        fail(f"nothing written: {describe(err, source.endpoint)}", 1)
+    except Unknown as err:
+        fail(f"no answer, so it may or may not be written (running it again is safe): {err}", 3)
     finally:
         source.close()
-    gone = f", deleted {len(deleted)}" if deleted else ""
+    gone = f", deleted {deleted}" if deleted else ""
     print(f"revision {revision}: put {len(items)}{gone}")

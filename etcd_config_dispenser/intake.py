@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from .events import Batch, FullRead
 from .keys import InvalidKey, KeyTree, key_to_relpath, show
+from .logs import fields
 from .rules import KeySelection
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,13 @@ class KeyIntake:
                 self._invalid.discard(key)
             else:
                 self._invalid.add(key)
-                log.warning("r%d: skipping key %s: it %s", revision, show(key), err)
+                log.warning(
+                    "r%d: skipping key %s: it %s",
+                    revision,
+                    show(key),
+                    err,
+                    extra=fields("key_skipped", revision=revision, error=err),
+                )
             return None
         return path
 
@@ -66,6 +73,7 @@ class KeyIntake:
                         event.revision,
                         show(path),
                         show(shadow),
+                        extra=fields("key_skipped", revision=event.revision),
                     )
         return changed
 
@@ -78,7 +86,13 @@ class KeyIntake:
             if path is not None:
                 tree.put(path, value)
         for path, shadow in tree.hidden():
-            log.warning("r%d: skipping key %s: %s is a file", revision, show(path), show(shadow))
+            log.warning(
+                "r%d: skipping key %s: %s is a file",
+                revision,
+                show(path),
+                show(shadow),
+                extra=fields("key_skipped", revision=revision),
+            )
         old, new = self.tree.files, tree.files
         self.tree = tree
         return {p for p in old.keys() | new.keys() if old.get(p) != new.get(p)}

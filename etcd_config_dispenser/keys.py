@@ -25,7 +25,7 @@ class InvalidKey(ValueError):
 
 def normalise_prefix(prefix: str) -> bytes:
     """The prefix as etcd bytes, ending in exactly one "/" (as the Go original does)."""
-    return prefix.rstrip("/").encode("utf-8") + b"/"
+    return prefix.rstrip("/").encode("utf-8", "surrogateescape") + b"/"  # any bytes argv had
 
 
 def key_to_relpath(key: bytes, prefix: bytes, max_path: int = MAX_PATH) -> str:

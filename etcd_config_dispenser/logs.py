@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 # The fields a line may carry, besides time, level, logger and message.
+LIST_MAX = 100  # paths shown in a field; the rest counted (a 16 KiB line splits in Docker)
 FIELDS = ("event", "revision", "files", "written", "removed", "signal", "pid", "exit_code", "error")
 
 
@@ -53,6 +54,8 @@ class JsonFormatter(logging.Formatter):
         }
         for name in FIELDS:
             value = record.__dict__.get(name)
+            if isinstance(value, list) and len(value) > LIST_MAX:  # one line stays readable
+                value = [*value[:LIST_MAX], f"(+{len(value) - LIST_MAX} more)"]
             if value is not None:
                 entry[name] = value if isinstance(value, (int, str, list)) else str(value)
         if record.exc_info:

@@ -137,7 +137,12 @@ class EtcdSession:
                 self.stats.etcd_answered()
                 self.inbox.put(batch)
         except Compacted as err:
-            log.warning("watch from r%d: %s; reading everything again", revision + 1, err)
+            log.warning(
+                "watch from r%d: %s; reading everything again",
+                revision + 1,
+                err,
+                extra=fields("compacted", revision=revision + 1),
+            )
         except EtcdUnavailable as err:
             if self.stopping.is_set() or time.monotonic() - started < HEALTHY_AFTER:
                 raise
@@ -156,6 +161,10 @@ class EtcdSession:
                 self.stats.etcd_answered()
             except EtcdUnavailable as err:
                 if not done.is_set():
-                    log.warning("etcd liveness check failed: %s; restarting the watch", err)
+                    log.warning(
+                        "etcd liveness check failed: %s; restarting the watch",
+                        err,
+                        extra=fields("etcd_failed", error=err),
+                    )
                     self.source.interrupt(move_on=True)
                 return

@@ -281,6 +281,10 @@ class EtcdSource:
             elif later:
                 self._interrupted = True
 
+    def skip_endpoint(self) -> None:
+        """The next connect() tries the next endpoint (this one failed a probe)."""
+        self._index += 1
+
     def connected_client(self) -> _Client:
         """The client of the current connection (connecting first): its stubs and metadata."""
         if self._client is None:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from etcd_config_dispenser.config import load
-from etcd_config_dispenser.ctl import parse_items, put_exactly
+from etcd_config_dispenser.ctl import gaps, parse_items, put_exactly
 from etcd_config_dispenser.source import EtcdSource
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,9 @@ def test_delete_others_leaves_exactly_these_names_and_nothing_beside_the_prefix(
         (["put", "-p", "P", "..data=F"], "name '..data' starts with '..'"),
         (["put", "-p", "P", "a//b=F"], "name 'a//b' has an empty segment"),
         (["put", "-p", "P", "a=F", "a=F"], "name 'a' is given twice"),
+        (["put", "-p", "P", "a=F", "a/b=F"], "name 'a/b' is under 'a', which is a file too"),
+        (["put", "-p", "P", "a=-", "b=-"], "'b=-': standard input is given twice"),
+        (["put", "-p", "/", "--delete-others", "a=F"], "would delete every key of etcd"),
     ],
 )
 def test_bad_arguments_name_the_problem_exit_2_and_write_nothing(
@@ -133,8 +136,8 @@ def test_delete_others_never_keeps_a_key_added_while_it_listed(
     etcd_server: EtcdServer, etcd: object, prefix: str
 ) -> None:
     """Another writer adds keys all along; after each put, no key older than the
-    transaction may remain besides ours (without the compare over the prefix, a key
-    added between the listing and the transaction would)."""
+    transaction may remain besides ours (deleting what a listing found would miss a
+    key added between the listing and the transaction)."""
     stop = threading.Event()
 
     def add_keys() -> None:
@@ -159,3 +162,52 @@ def test_delete_others_never_keeps_a_key_added_while_it_listed(
         stop.set()
         writer.join()
         source.close()
+
+
+def test_the_next_endpoint_is_tried_when_one_does_not_answer(
+    etcd_server: EtcdServer, etcd: object, prefix: str, tmp_path: Path
+) -> None:
+    (tmp_path / "F").write_bytes(b"x")
+    dead = EtcdServer()  # never started
+    done = subprocess.run(
+        [sys.executable, "-c", "from etcd_config_dispenser.ctl import main; main()",
+         "put", "-p", prefix, f"a={tmp_path / 'F'}"],
+        capture_output=True, text=True, timeout=30,
+        env={"ETCD_ENDPOINTS": f"{dead.endpoint},{etcd_server.endpoint}", "PATH": "/usr/bin"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert under(etcd, prefix)["a"][0] == b"x"
+
+
+def test_etcd_limits_are_named_and_nothing_is_written(
+    etcd_server: EtcdServer, etcd: object, prefix: str, tmp_path: Path
+) -> None:
+    (tmp_path / "F").write_bytes(b"x")
+    names = [f"n{i}={tmp_path / 'F'}" for i in range(70)]  # 141 operations with the gaps
+    done = ctl(etcd_server, "put", "-p", prefix, "--delete-others", *names)
+    assert done.returncode == 1
+    assert "too many operations" in done.stderr and "--max-txn-ops, default 128" in done.stderr
+    (tmp_path / "big").write_bytes(b"x" * 2_000_000)
+    done = ctl(etcd_server, "put", "-p", prefix, f"big={tmp_path / 'big'}")
+    assert done.returncode == 1 and "--max-request-bytes" in done.stderr, done.stderr
+    assert under(etcd, prefix) == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names=st.sets(st.binary(min_size=1, max_size=3), min_size=1, max_size=6),
+    others=st.sets(st.binary(min_size=1, max_size=3), max_size=10),
+)
+def test_the_gaps_cover_every_other_key_under_the_prefix_and_nothing_else(
+    names: set[bytes], others: set[bytes]
+) -> None:
+    prefix = b"/p/"
+    keys = {prefix + n for n in names}
+    present = {prefix + o for o in others} | {b"/p", b"/p0", b"/q/x", b"/p/"[:-1] + b"\xff"}
+
+    def deleted(key: bytes) -> bool:
+        return any(start <= key < end for start, end in gaps(prefix, keys))
+
+    assert {k for k in present | keys if not deleted(k)} == keys | {
+        k for k in present if not k.startswith(prefix)
+    }

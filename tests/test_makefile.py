@@ -28,7 +28,7 @@ def tree(tmp_path: Path) -> Path:
     """The Makefile and stand-ins for the sources, with a venv already installed."""
     shutil.copy(REPO / "Makefile", tmp_path)
     (tmp_path / "etcd_config_dispenser").mkdir()
-    for name in ("etcd_config_dispenser/cli.py", "setup.cfg", "pyproject.toml"):
+    for name in ("etcd_config_dispenser/cli.py", "setup.cfg", "pyproject.toml", "README.md"):
         (tmp_path / name).write_text("")
     (tmp_path / ".venv/bin").mkdir(parents=True)
     (tmp_path / ".venv/bin/python").write_text("")
@@ -53,6 +53,15 @@ def test_a_changed_source_is_installed_again_without_the_dev_tools_for_the_demo(
     assert "pip install -q ." in demo
     assert "[test" not in demo and "ruff" not in demo  # the demo needs no test or lint tools
     assert "pip install -q '.[test,lint,metrics]'" in would_run(tree, "test")
+
+
+def test_a_removed_module_is_uninstalled_too(tree: Path) -> None:
+    """The stamp is newer than every file left: only the directory's time tells."""
+    (tree / "etcd_config_dispenser/old.py").write_text("")
+    (tree / "etcd_config_dispenser/old.py").unlink()
+    later = time.time() + 10
+    os.utime(tree / "etcd_config_dispenser", (later, later))
+    assert "pip install -q ." in would_run(tree, "demo")
 
 
 def test_deps_installs_python3_venv_which_a_minimal_debian_lacks(tree: Path) -> None:

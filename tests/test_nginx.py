@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from helpers import (
     nginx_command,
     same_cert,
     served_cert,
+    stop_process,
     txn_put,
     write_nginx_conf,
 )
@@ -120,4 +122,33 @@ def test_check_rejects_a_mismatched_pair_and_keeps_serving(
     put_pair(etcd, prefix, *fixed)
     busy_wait(lambda: same_cert(served_cert(port), fixed[0]), timeout=20)
     assert (workdir / "error.log").read_text().count("signal 1 (SIGHUP) received") == 1
+    assert proc.stop() == 0
+
+
+def test_on_change_reloads_an_nginx_that_is_not_the_child(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    """The systemd way: nginx is its own service, the dispenser a sidecar that runs
+    `nginx -s reload` after each change (nginx's master then reloads, same PID)."""
+    certs = [make_cert(f"hook-{i}", tmp_path) for i in range(3)]
+    put_pair(etcd, prefix, *certs[0])
+    port = free_port()
+    workdir = tmp_path / "nginx"
+    conf = write_nginx_conf(workdir, port, target)
+    proc = dispenser(f"--on-change={NGINX} -p {workdir} -c {conf} -s reload")
+    # The run after the first snapshot finds no nginx yet (a failure, logged); then start it.
+    busy_wait(lambda: "--on-change failed" in proc.log(), timeout=20)
+    nginx = subprocess.Popen(nginx_command(workdir, conf), stderr=subprocess.DEVNULL)
+    try:
+        busy_wait(lambda: same_cert(served_cert(port), certs[0][0]), timeout=20)
+        pid = master_pid(workdir)
+        for cert, key in certs[1:]:
+            put_pair(etcd, prefix, cert, key)
+            busy_wait(lambda: same_cert(served_cert(port), cert), timeout=20)  # noqa: B023
+        busy_wait(lambda: proc.log().count("--on-change exited with 0") == len(certs) - 1)
+        assert master_pid(workdir) == pid == nginx.pid  # reloaded, never restarted
+        error_log = (workdir / "error.log").read_text()
+        assert error_log.count("signal 1 (SIGHUP) received") == len(certs) - 1  # one a rotation
+    finally:
+        stop_process(nginx)
     assert proc.stop() == 0
