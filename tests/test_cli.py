@@ -119,6 +119,18 @@ def test_bad_values_name_the_flag(args: list[str], flag: str) -> None:
         (["-p", "/x", "-t", "o", "-t", "p"], "--target is given twice"),
         (["-p", "/x", "-t", "o", "-x"], "unknown option -x"),
         (["--prefix=/x", "--target=o", "--owner=no-such-user-here"], "--owner"),
+        (["-p", "/x", "-t", "o", "--file-mode=*.key"], "--file-mode: '*.key' is not GLOB=MODE"),
+        (["-p", "/x", "-t", "o", "--file-mode=*.key=9"], "--file-mode: '9' in '*.key=9'"),
+        (["-p", "/x", "-t", "o", "--file-mode=k=0600:nobody-here"], "unknown user"),
+        (["-p", "/x", "-t", "o", "--require=../k"], "--require: '../k' has a '..' segment"),
+        (
+            ["-p", "/x", "-t", "o", "--exclude=*.key", "--require=a.key"],
+            "--require: 'a.key' is left out by --include/--exclude",
+        ),
+        (["-p", "/x", "-t", "o", "--once", "--timeout=soon"], "--timeout: 'soon'"),
+        (["-p", "/x", "-t", "o", "--stale-start=-1"], "--stale-start: '-1'"),
+        (["-p", "/x", "-t", "o", "--on-change-timeout=x"], "--on-change-timeout: 'x'"),
+        (["-p", "/x", "-t", "o", "--on-change=a", "--on-change=b"], "--on-change is given twice"),
     ],
 )
 def test_bad_flags_exit_2_with_usage_and_no_traceback(args: list[str], needle: str) -> None:
@@ -216,3 +228,43 @@ def test_a_bad_value_from_the_environment_names_the_variable(
     result = run_cli(env={"DISPENSER_PREFIX": "/x", "DISPENSER_TARGET": "o", **environ})
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr
+
+
+def test_repeatable_flags_keep_every_value_and_their_order() -> None:
+    options = parse_args(
+        ["-p", "/x", "-t", "o", "--file-mode=a*=0600", "--exclude=e1", "--file-mode=*=0644",
+         "--exclude=e2", "--include=i*", "--require=i", "--require=/x/i2", "--", "cmd",
+         "--exclude=not-ours"]
+    )  # fmt: skip
+    assert [rule.glob for rule in options.file_rules] == ["a*", "*"]
+    assert options.selection.exclude == ("e1", "e2") and options.selection.include == ("i*",)
+    assert options.require == ("i", "i2")  # the full key is taken too
+    assert options.command == ["cmd", "--exclude=not-ours"]
+
+
+def test_repeatable_flags_from_the_environment_are_comma_separated() -> None:
+    options = parse_args(
+        ["-p", "/x", "-t", "o"],
+        {"DISPENSER_EXCLUDE": "production-account,*.bak", "DISPENSER_REQUIRE": "a",
+         "DISPENSER_FILE_MODE": "*.key=0600"},
+    )  # fmt: skip
+    assert options.selection.exclude == ("production-account", "*.bak")
+    assert options.require == ("a",)
+    assert options.file_rules[0].mode == 0o600
+
+
+def test_every_default_in_the_manual_is_parsed() -> None:
+    """docopt reads a continuation line that starts with "-" as a new option, and the
+    default above it is silently lost: every [default: X] must reach the options."""
+    import re
+
+    from docopt import docopt
+
+    args = docopt(USAGE, argv=["-p", "/x", "-t", "o"], options_first=True)
+    blocks = re.split(r"\n  (?=-)", USAGE.split("Options:", 1)[1].split("\n\n", 1)[0])
+    for block in blocks:
+        default = re.search(r"\[default: ([^\]]+)\]", block)
+        if default:
+            flag = re.search(r"--[\w-]+", block)
+            assert flag is not None
+            assert args[flag.group()] == default.group(1), block
