@@ -20,6 +20,7 @@ from .onchange import OnChange
 from .options import Options
 from .publisher import Publisher
 from .recovery import abandon
+from .sdnotify import Notifier
 from .session import EtcdSession
 from .snapshot import SnapshotWriter
 from .source import EtcdSource
@@ -119,9 +120,11 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     # The flow: etcd session -> inbox -> publisher (key rules, snapshot, signal).
     publisher.start()
     session.start()
+    notifier = Notifier(os.environ)  # systemd Type=notify, if it is asked for
+    notifier.follow(stats)
     try:
         # Start the child only once its files exist (or, --stale-start, a previous run's).
-        stale_start = options.stale_start if live and options.command else None
+        stale_start = options.stale_start if live else None  # a sidecar: READY=1 then
         deadline = options.timeout if options.once else stale_start
         stopped_by = supervisor.wait_for(publisher.first_sync, publisher.done, timeout=deadline)
         if stopped_by is not None:
@@ -135,9 +138,11 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         code = supervisor.spawn()
         if code is not None:
             return code
+        notifier.ready(stats)  # files live, child started
         # Forward signals and reap until the child exits.
         return supervisor.supervise(publisher.done)
     finally:
+        notifier.stopping()
         session.stop()
         inbox.put(Ended())
         publisher.done.wait(5.0)

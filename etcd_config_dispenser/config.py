@@ -162,10 +162,14 @@ def load(environ: Mapping[str, str]) -> EtcdConfig:
     )
 
 
+SYSTEMD = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")  # for us, not for the child
+
+
 def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment for the child: ours, less every etcd setting and its _FILE form.
 
-    The child is nginx, not the etcd admin: it never sees etcd credentials.
+    The child is nginx, not the etcd admin: it never sees etcd credentials;
+    nor systemd's notify socket, which is ours (its READY=1 would be taken as ours).
     """
-    secret = set(VARIABLES) | {name + "_FILE" for name in VARIABLES}
+    secret = set(VARIABLES) | {name + "_FILE" for name in VARIABLES} | set(SYSTEMD)
     return {name: value for name, value in environ.items() if name not in secret}

@@ -39,6 +39,7 @@ LAYERS = [
     "child",  # the child: spawn, signal, reap
     "checkcmd",  # --check, started through the child supervisor
     "onchange",  # --on-change, on its own thread
+    "sdnotify",  # systemd's READY/STATUS/WATCHDOG
     "publisher",  # file side: intake -> snapshot -> signal
     "app",
     "cli",
