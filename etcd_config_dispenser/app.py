@@ -92,7 +92,9 @@ def run(options: Options, etcd: EtcdConfig) -> int:
             options.on_change,
             env,
             options.target,
-            lambda cmd, env, timeout: run_check(cmd, env, supervisor, timeout, "--on-change"),
+            lambda cmd, env, timeout, cancel: run_check(
+                cmd, env, supervisor, timeout, "--on-change", cancel
+            ),
             stats,
             options.on_change_timeout,
         )
@@ -127,13 +129,19 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         stale_start = options.stale_start if live else None  # a sidecar: READY=1 then
         deadline = options.timeout if options.once else stale_start
         stopped_by = supervisor.wait_for(publisher.first_sync, publisher.done, timeout=deadline)
+        waiting = stopped_by is None and not options.once and not publisher.first_sync.is_set()
+        if waiting and not _start_stale(publisher, stats, live):  # etcd answered: wait
+            stopped_by = supervisor.wait_for(publisher.first_sync, publisher.done)
         if stopped_by is not None:
             when = "" if publisher.first_sync.is_set() else " before the first sync"
             log.info("stopped by %s%s", signal.Signals(stopped_by).name, when)
+            if options.once and not publisher.first_sync.is_set():  # --once did not succeed
+                _once_result(publisher, writer, stats, None)  # removes a target it made
+                return 128 + stopped_by
             return 0
         if options.once:
             return _once_result(publisher, writer, stats, options.timeout)
-        if not publisher.first_sync.is_set() and not _start_stale(publisher, stats, live):
+        if not publisher.first_sync.is_set() and stats.stale_since is None:
             return 1  # the publisher stopped: logged there
         code = supervisor.spawn()
         if code is not None:
@@ -150,11 +158,14 @@ def run(options: Options, etcd: EtcdConfig) -> int:
             hook.stop()
 
 
-def _once_result(publisher: Publisher, writer: SnapshotWriter, stats: Stats, timeout: float) -> int:
-    """--once: 0 if a snapshot is live and --check did not refuse it; else 1, said why."""
+def _once_result(
+    publisher: Publisher, writer: SnapshotWriter, stats: Stats, timeout: float | None
+) -> int:
+    """--once: 0 if a snapshot is live and --check did not refuse it; else 1, said why
+    (``timeout`` None: stopped by a signal, said already) and a target it made removed."""
     if publisher.first_sync.is_set():
         return 1 if publisher.first_rejected else 0
-    if not publisher.done.is_set():
+    if not publisher.done.is_set() and timeout is not None:
         why = stats.health()[1]
         log.error(
             "giving up: no snapshot within %gs: %s",
@@ -170,8 +181,8 @@ def _once_result(publisher: Publisher, writer: SnapshotWriter, stats: Stats, tim
 def _start_stale(publisher: Publisher, stats: Stats, live: str | None) -> bool:
     """--stale-start: whether the child may start on the snapshot a previous run left
     (etcd did not answer in time); the first snapshot from etcd then signals it."""
-    if publisher.done.is_set() or live is None:
-        return False
+    if publisher.done.is_set() or live is None or stats.last_ok:
+        return False  # stale only while etcd has said nothing at all
     stats.stale_since = f"{describe_snapshot(live)}, left by an earlier run"
     if publisher.first_sync.is_set():  # it came after all: nothing stale (see Publisher)
         stats.stale_since = None

@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import signal
+import threading
 import time
 from collections.abc import Mapping
 
@@ -32,8 +33,13 @@ def run_check(
     supervisor: Supervisor,
     timeout: float = CHECK_TIMEOUT,
     what: str = "check",
+    cancel: threading.Event | None = None,
 ) -> tuple[int, str]:
-    """Run ``sh -c command`` to the end; its exit code and the tail of its output."""
+    """Run ``sh -c command`` to the end; its exit code and the tail of its output.
+
+    It runs in a process group of its own: a timeout (or ``cancel``, set when
+    the dispenser stops) kills the whole group, so that no ``sleep`` or
+    ``curl`` it started runs on alone, or alongside the next run."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     redirect = [(os.POSIX_SPAWN_DUP2, write_end, 1), (os.POSIX_SPAWN_DUP2, write_end, 2)]
     tail = bytearray()
@@ -41,7 +47,7 @@ def run_check(
     def start() -> int:
         return os.posix_spawn(
             "/bin/sh", ["sh", "-c", command], env, file_actions=redirect,
-            setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setpgroup=0,
         )  # fmt: skip
 
     try:
@@ -52,7 +58,7 @@ def run_check(
                 return 127, f"cannot run the {what}: {err}"
             os.close(write_end)
             write_end = -1
-            status = _wait(pid, read_end, tail, timeout, what)
+            status = _wait(pid, read_end, tail, timeout, what, cancel or threading.Event())
     finally:
         os.close(read_end)
         if write_end != -1:
@@ -60,7 +66,9 @@ def run_check(
     return exit_code(status), tail.decode(errors="replace")
 
 
-def _wait(pid: int, output: int, tail: bytearray, timeout: float, what: str) -> int:
+def _wait(
+    pid: int, output: int, tail: bytearray, timeout: float, what: str, cancel: threading.Event
+) -> int:
     """Keep the tail of the output until the process exits; its wait status."""
     deadline = time.monotonic() + timeout
     status: int | None = None
@@ -83,10 +91,13 @@ def _wait(pid: int, output: int, tail: bytearray, timeout: float, what: str) -> 
         done, wait_status = os.waitpid(pid, os.WNOHANG)
         if done:
             status = wait_status
-        elif time.monotonic() > deadline:
-            log.warning("%s still running after %.0fs: SIGKILL", what, timeout)
-            os.kill(pid, signal.SIGKILL)
+        elif time.monotonic() > deadline or cancel.is_set():
+            why = "the dispenser stops" if cancel.is_set() else f"still running after {timeout:g}s"
+            log.warning("%s: %s: SIGKILL to its process group", what, why)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
             deadline = float("inf")
+            cancel = threading.Event()  # once
 
 
 def _poller(fd: int) -> select.poll:

@@ -237,6 +237,14 @@ def parse_seconds(text: str, flag: str) -> float:
     return seconds
 
 
+def parse_positive(text: str, flag: str) -> float:
+    """Seconds that must not be 0: a timeout of 0 would fail or kill every time."""
+    seconds = parse_seconds(text, flag)
+    if seconds == 0:
+        raise UsageError(f"{flag}: must be more than 0")
+    return seconds
+
+
 def parse_duration(text: str, flag: str) -> float:
     """'500ms', '2s', '1m' or a number of seconds."""
     units = {"ms": 0.001, "s": 1.0, "m": 60.0}
@@ -383,18 +391,25 @@ def _parse(argv: list[str]) -> Options:
         raise UsageError("--target: must not be empty")
     if args["--once"] and args["CMD"]:
         raise UsageError("--once: takes no command")
+    if args["--once"] and args["--on-change"] is not None:
+        raise UsageError("--once: takes no --on-change (a hook outlives a --once run)")
+    for flag in ("--on-change", "--stale-start"):
+        if args[flag] == "":
+            raise UsageError(f"{flag}: must not be empty")
     prefix = normalise_prefix(args["--prefix"])
     selection = KeySelection(tuple(args["--include"]), tuple(args["--exclude"]))
     return Options(
         selection=selection,
         file_rules=tuple(parse_file_rule(rule) for rule in args["--file-mode"]),
         require=parse_required(args["--require"], prefix, selection),
-        on_change=args["--on-change"] or None,
-        on_change_timeout=parse_seconds(args["--on-change-timeout"], "--on-change-timeout"),
+        on_change=args["--on-change"],
+        on_change_timeout=parse_positive(args["--on-change-timeout"], "--on-change-timeout"),
         stale_start=(
-            parse_seconds(args["--stale-start"], "--stale-start") if args["--stale-start"] else None
+            parse_seconds(args["--stale-start"], "--stale-start")
+            if args["--stale-start"] is not None
+            else None
         ),
-        timeout=parse_seconds(args["--timeout"], "--timeout"),
+        timeout=parse_positive(args["--timeout"], "--timeout"),
         prefix=prefix,
         target=Path(args["--target"]).absolute(),
         signal=parse_signal(args["--signal"]),

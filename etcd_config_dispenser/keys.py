@@ -47,7 +47,10 @@ def key_to_relpath(key: bytes, prefix: bytes, max_path: int = MAX_PATH) -> str:
     7. have a segment longer than MAX_NAME bytes, or be longer than
        ``max_path`` bytes (the caller lowers it by the length of the target
        and snapshot directory names, so the full path still fits PATH_MAX);
-    8. have more than MAX_DEPTH segments.
+    8. have more than MAX_DEPTH segments;
+    9. contain a control character (a newline, a tab, ESC...): such a name
+       breaks every list of names (--on-change's DISPENSER_WRITTEN, a shell's
+       ``for f in $(ls)``) and nobody types one on purpose.
     """
     if not key.startswith(prefix):
         raise InvalidKey("is not under the prefix")
@@ -66,6 +69,8 @@ def key_to_relpath(key: bytes, prefix: bytes, max_path: int = MAX_PATH) -> str:
         text = rel.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidKey("is not valid UTF-8") from None
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text):
+        raise InvalidKey("contains a control character")
     segments = text.split("/")
     if len(segments) > MAX_DEPTH:
         raise InvalidKey(f"is more than {MAX_DEPTH} directories deep")

@@ -25,7 +25,8 @@ from .logs import fields, output_tail
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[str, Mapping[str, str], float], tuple[int, str]]  # command, env, timeout
+# command, env, timeout, cancel -> exit code, output
+Runner = Callable[[str, Mapping[str, str], float, threading.Event], tuple[int, str]]
 
 
 class OnChange:
@@ -50,6 +51,8 @@ class OnChange:
         self._paths: dict[str, bool] = {}  # path -> written (True) or removed (False)
         self._revision: int | None = None  # the newest change not yet run for
         self._stopping = False
+        self._cancel = threading.Event()  # set by stop(): a run in progress is killed
+        self._thread: threading.Thread | None = None
         self.runs = 0  # finished runs, for tests and metrics
 
     def changed(self, revision: int, written: list[str], removed: list[str]) -> None:
@@ -61,14 +64,18 @@ class OnChange:
             self._lock.notify()
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._loop, name="on-change", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self._loop, name="on-change", daemon=True)
+        self._thread.start()
+        return self._thread
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 5.0) -> None:
+        """No more runs; a run in progress is killed (its process group), not orphaned."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
+        self._cancel.set()
+        if self._thread is not None:
+            self._thread.join(wait)
 
     def _loop(self) -> None:
         while True:
@@ -92,7 +99,9 @@ class OnChange:
             "DISPENSER_WRITTEN": "\n".join(written),
             "DISPENSER_REMOVED": "\n".join(removed),
         }
-        code, output = self.run_command(self.command, env, self.timeout)
+        code, output = self.run_command(self.command, env, self.timeout, self._cancel)
+        if self._cancel.is_set():
+            return
         tail = output_tail(output)
         if code == 0:
             self.stats.on_change_error = ""

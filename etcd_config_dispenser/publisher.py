@@ -266,8 +266,9 @@ class Publisher:
             previous,
             extra=fields("check_failed", revision=revision, error=why),
         )
-        if first:  # the child starts, with the snapshot that was put back
+        if first:  # the child starts (or runs on), with the snapshot that was put back
             self.first_rejected = True
+            self.stats.stale_since = None  # etcd answered: what is served is a refusal now
             self.stats.first_sync, self.stats.serving = True, previous
             self.first_sync.set()
         self.writer.settle()

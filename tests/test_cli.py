@@ -131,6 +131,10 @@ def test_bad_values_name_the_flag(args: list[str], flag: str) -> None:
         (["-p", "/x", "-t", "o", "--stale-start=-1"], "--stale-start: '-1'"),
         (["-p", "/x", "-t", "o", "--on-change-timeout=x"], "--on-change-timeout: 'x'"),
         (["-p", "/x", "-t", "o", "--on-change=a", "--on-change=b"], "--on-change is given twice"),
+        (["-p", "/x", "-t", "o", "--on-change="], "--on-change: must not be empty"),
+        (["-p", "/x", "-t", "o", "--stale-start="], "--stale-start: must not be empty"),
+        (["-p", "/x", "-t", "o", "--once", "--timeout=0"], "--timeout: must be more than 0"),
+        (["-p", "/x", "-t", "o", "--once", "--on-change=x"], "--once: takes no --on-change"),
     ],
 )
 def test_bad_flags_exit_2_with_usage_and_no_traceback(args: list[str], needle: str) -> None:

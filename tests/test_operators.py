@@ -322,7 +322,7 @@ def test_a_failing_or_hanging_hook_is_logged_counted_and_shown(
     etcd.put(prefix + "a", b"1")  # type: ignore[attr-defined]
     port = free_port()
     flag = tmp_path / "hang"
-    hook = f'if [ -e {flag} ]; then sleep 30; fi; echo "reload failed: no such unit"; exit 3'
+    hook = f'if [ -e {flag} ]; then sleep 31.7; fi; echo "reload failed: no such unit"; exit 3'
     proc = dispenser(f"--on-change={hook}", "--on-change-timeout=1",
                      f"--health-addr=127.0.0.1:{port}")  # fmt: skip
     busy_wait(lambda: "--on-change failed with exit code 3" in proc.log(), timeout=20)
@@ -333,5 +333,62 @@ def test_a_failing_or_hanging_hook_is_logged_counted_and_shown(
     flag.touch()
     etcd.put(prefix + "a", b"2")  # type: ignore[attr-defined]
     busy_wait(lambda: "--on-change failed with exit code 137" in proc.log(), timeout=20)
-    assert "--on-change still running after 1s: SIGKILL" in proc.log()
+    assert "--on-change: still running after 1s: SIGKILL to its process group" in proc.log()
+    assert not running("sleep 31.7")  # what the hook started went with it
     wait_tree(target, {"a": b"2"}, proc)  # delivery went on
+
+
+def running(command: str) -> list[int]:
+    """Processes whose command line is ``command`` (ours: a number nobody else uses)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+        except OSError:
+            continue
+        if cmdline.decode(errors="replace") == command:
+            found.append(int(pid))
+    return found
+
+
+def test_a_hook_running_when_the_dispenser_stops_is_killed_not_orphaned(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    etcd.put(prefix + "a", b"1")  # type: ignore[attr-defined]
+    out = tmp_path / "hook.out"
+    proc = dispenser(f"--on-change=echo started > {out}; sleep 32.3")
+    busy_wait(out.exists, timeout=20)
+    busy_wait(lambda: bool(running("sleep 32.3")), timeout=5)
+    assert proc.stop() == 0
+    assert "--on-change: the dispenser stops: SIGKILL to its process group" in proc.log()
+    busy_wait(lambda: not running("sleep 32.3"), timeout=5)
+
+
+def test_stale_start_is_only_for_an_etcd_that_says_nothing(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    """etcd answers but a required key is missing: the previous snapshot is not served
+    as if etcd were down; the child waits for the key."""
+    etcd.put(prefix + "a", b"1")  # type: ignore[attr-defined]
+    assert dispenser("--once").wait() == 0  # a snapshot from a previous run
+    out = tmp_path / "child.out"
+    proc = dispenser("--stale-start=0.5", "--require=b",
+                     command=[sys.executable, "-c", READER, str(out), str(target)])  # fmt: skip
+    busy_wait(lambda: "waiting for required keys: 'b'" in proc.log(), timeout=20)
+    time.sleep(1.5)
+    assert not out.exists() and "starting the child on the previous" not in proc.log()
+    etcd.put(prefix + "b", b"2")  # type: ignore[attr-defined]
+    busy_wait(lambda: lines(out) == ["start 1"], timeout=20)
+
+
+def test_once_stopped_before_it_could_write_fails_and_leaves_no_target(
+    tmp_path: Path, target: Path
+) -> None:
+    proc = DispenserProcess(
+        ["--once", "--prefix=/p", f"--target={target}"],
+        {"ETCD_ENDPOINTS": EtcdServer().endpoint},  # nobody answers there
+        tmp_path / "dispenser.log",
+    )
+    busy_wait(lambda: "etcd sync failed" in proc.log(), timeout=20)
+    assert proc.stop() == 128 + 15
+    assert not target.exists()
