@@ -1,37 +1,53 @@
 # syntax=docker/dockerfile:1
-# Two images from one file (see README, "Container image"):
-#   docker build -t etcd-config-dispenser .                 the dispenser alone
-#   docker build --target nginx -t nginx-etcd-certs .       nginx with the dispenser as PID 1
-# Both install into a venv built on Debian bookworm, whose python3 (3.11) is the
-# one the nginx image gets from apt, so the venv can be copied between them.
+# Two images from one file, built offline (no registry, no package index):
+#   debian:bookworm-slim   pulled, or made locally (debootstrap + podman import): images/make-base.sh
+#   wheelhouse/            wheels built on the host:  pip wheel -w wheelhouse '.[metrics]'
+#
+#   make image   (podman build --runtime runc --network=host --pull=never \
+#       --target dispenser -t etcd-config-dispenser .)
+#   ... --target nginx -t etcd-config-dispenser-nginx .)
+#
+# Everything is Debian bookworm: the venv's python (3.11) is the one every stage gets from apt,
+# so the venv can be copied between stages.
 
 FROM debian:bookworm-slim AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY setup.cfg pyproject.toml README.md ./
-COPY etcd_config_dispenser ./etcd_config_dispenser
+COPY wheelhouse /wheelhouse
 RUN python3 -m venv /opt/etcd-config-dispenser \
- && /opt/etcd-config-dispenser/bin/pip install --no-cache-dir '.[metrics]' \
+ && /opt/etcd-config-dispenser/bin/pip install --no-cache-dir --no-index --find-links=/wheelhouse \
+        'etcd-config-dispenser[metrics]' \
+ && /opt/etcd-config-dispenser/bin/pip uninstall -y pip setuptools \
  && /opt/etcd-config-dispenser/bin/etcd-config-dispenser --version
 
-# nginx whose certificates come from etcd: SIGHUP reloads it after each change.
-FROM nginx:1.27-bookworm AS nginx
+# Python, no pip/venv: what both images share.
+FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/etcd-config-dispenser /opt/etcd-config-dispenser
-ENTRYPOINT ["/opt/etcd-config-dispenser/bin/etcd-config-dispenser", \
-            "--prefix=/certificates", "--target=/etc/nginx/certs", "--signal=SIGHUP", \
-            "--check=nginx -t -q", "--"]
+ENV PATH=/opt/etcd-config-dispenser/bin:$PATH
+
+# nginx whose certificates come from etcd; the dispenser is PID 1 and starts nginx after the
+# first snapshot, SIGHUPs it after each change (if "nginx -t -q" passes). Every setting can be
+# overridden with DISPENSER_* (see etcd-config-dispenser --help); ETCD_* says where etcd is.
+FROM runtime AS nginx
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nginx-light \
+ && rm -rf /var/lib/apt/lists/* \
+ && ln -sf /dev/stdout /var/log/nginx/access.log \
+ && ln -sf /dev/stderr /var/log/nginx/error.log
+ENV DISPENSER_PREFIX=/certificates \
+    DISPENSER_TARGET=/etc/nginx/certs \
+    DISPENSER_SIGNAL=SIGHUP \
+    DISPENSER_CHECK="nginx -t -q"
+# SIGQUIT: the dispenser forwards it, nginx then shuts down gracefully (finishes requests).
+STOPSIGNAL SIGQUIT
+ENTRYPOINT ["etcd-config-dispenser", "--"]
 CMD ["nginx", "-g", "daemon off;"]
 
-# The dispenser alone: a sidecar or an init container (--once), no child.
-FROM debian:bookworm-slim AS dispenser
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /opt/etcd-config-dispenser /opt/etcd-config-dispenser
-ENTRYPOINT ["/opt/etcd-config-dispenser/bin/etcd-config-dispenser"]
-CMD ["--help"]
+# The dispenser alone: a sidecar, or an init container with DISPENSER_ONCE=true. Last stage, so
+# a build without --target gives this one.
+FROM runtime AS dispenser
+ENTRYPOINT ["etcd-config-dispenser"]

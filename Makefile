@@ -13,7 +13,8 @@ APT_PACKAGES := etcd-server etcd-client nginx-light openssl curl python3-venv
 SOURCES := etcd_config_dispenser $(wildcard etcd_config_dispenser/*.py) setup.cfg pyproject.toml \
 	README.md
 
-.PHONY: all deps venv install install-run test lint demo bench clean
+.PHONY: all deps venv install install-run test lint demo bench clean image-deps base-image \
+	wheelhouse image image-test
 
 all: test
 
@@ -55,7 +56,7 @@ install-run: $(VENV)/.installed-run
 install: $(VENV)/.installed-dev
 
 test: deps install
-	cd tests && ../$(BIN)/python -m pytest -q
+	cd tests && ../$(BIN)/python -m pytest -q -m "not container"
 
 lint: install
 	$(BIN)/ruff check .
@@ -68,5 +69,43 @@ demo: deps install-run
 bench: deps install-run
 	$(BIN)/python -m scripts.bench
 
+# -- container images (podman; see README "Container images") ---------------------------
+# runc: crun refuses hosts that mix cgroup v1 and v2. --pull=never: the base is ours or
+# pulled once by base-image, never fetched behind the user's back.
+PODMAN := podman --runtime runc
+IMAGES := etcd-config-dispenser etcd-config-dispenser-nginx
+REGISTRY_PROBE := https://registry-1.docker.io/v2/
+
+image-deps:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap; }
+
+# debian:bookworm-slim: present, else pulled, else (no registry answers) made with debootstrap.
+base-image: image-deps
+	@$(PODMAN) image exists docker.io/library/debian:bookworm-slim || { \
+		if curl -s -m 5 -o /dev/null $(REGISTRY_PROBE); then \
+			$(PODMAN) pull docker.io/library/debian:bookworm-slim; \
+		else \
+			echo "no registry answers: making debian:bookworm-slim with debootstrap"; \
+			./images/make-base.sh; \
+		fi; }
+
+# The package and its dependencies as wheels, built here: the image build needs no package
+# index (nor does an air-gapped site: copy the wheelhouse).
+wheelhouse: install-run
+	rm -rf wheelhouse build
+	$(BIN)/python -m pip wheel -q -w wheelhouse '.[metrics]'
+
+image: base-image wheelhouse
+	$(PODMAN) build --network=host --pull=never --target dispenser -t etcd-config-dispenser .
+	$(PODMAN) build --network=host --pull=never --target nginx -t etcd-config-dispenser-nginx .
+	@$(PODMAN) image prune -f >/dev/null
+	@$(PODMAN) images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep etcd-config-dispenser
+
+image-test: deps install image
+	cd tests && ../$(BIN)/python -m pytest -q -m container
+
 clean:
-	rm -rf $(VENV) build *.egg-info demo-run
+	rm -rf $(VENV) build *.egg-info demo-run wheelhouse
