@@ -111,6 +111,8 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         selection=options.selection,
         required=options.require,
         on_change=hook.changed if hook else None,
+        verify_certs=options.verify_certs,
+        expiry_warning=options.expiry_warning,
     )
     log.info(
         "syncing prefix %r from %s into %s",

@@ -49,6 +49,13 @@ Options:
                          DIR holds a previous run's snapshot, start CMD with
                          it (/healthz says stale); etcd's data replaces it
                          as soon as it comes.
+  --verify-certs         Before a change goes live, check every certificate
+                         it touches (found by name: NAME-fullchain.pem +
+                         NAME-key.pem, fullchain.pem + privkey.pem, tls.crt
+                         + tls.key, NAME.crt + NAME.key): dates, chain
+                         order, key match; refused: nothing published.
+  --expiry-warning=DUR   Log a warning this long before a delivered
+                         certificate expires [default: 14d].
   --once                 Write the snapshot, then exit 0 (1 if none could be
                          written within --timeout); takes no CMD.
   --timeout=SECS         With --once: how long to wait for etcd and for
@@ -246,10 +253,10 @@ def parse_positive(text: str, flag: str) -> float:
 
 
 def parse_duration(text: str, flag: str) -> float:
-    """'500ms', '2s', '1m' or a number of seconds."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    """'500ms', '2s', '1m', '6h', '14d' or a number of seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
     number, unit = text, "s"
-    for suffix in ("ms", "s", "m"):
+    for suffix in ("ms", "s", "m", "h", "d"):
         if text.endswith(suffix):
             number, unit = text[: -len(suffix)], suffix
             break
@@ -257,8 +264,8 @@ def parse_duration(text: str, flag: str) -> float:
         seconds = float(number) * units[unit]
     except ValueError:
         seconds = -1.0
-    if not 0 <= seconds < 86400:
-        raise UsageError(f"{flag}: {text!r} is not a duration like 500ms, 2s or 1m")
+    if not 0 <= seconds < 366 * 86400:
+        raise UsageError(f"{flag}: {text!r} is not a duration like 500ms, 2s, 1m or 14d")
     return seconds
 
 
@@ -410,6 +417,8 @@ def _parse(argv: list[str]) -> Options:
             else None
         ),
         timeout=parse_positive(args["--timeout"], "--timeout"),
+        verify_certs=args["--verify-certs"],
+        expiry_warning=parse_duration(args["--expiry-warning"], "--expiry-warning"),
         prefix=prefix,
         target=Path(args["--target"]).absolute(),
         signal=parse_signal(args["--signal"]),

@@ -47,6 +47,9 @@ class Stats:
     on_change_error: str = ""  # why the last --on-change run failed, until one succeeds
     missing_required: list[str] = field(default_factory=list)  # --require keys not in etcd
     stale_since: str | None = None  # --stale-start: the child runs on this earlier snapshot
+    certificate_failures: int = 0  # snapshots --verify-certs refused
+    certificate_refused: str = ""  # why the last one was, until one passes
+    not_after: dict[str, float] = field(default_factory=dict)  # certificate path -> expiry
     publisher_running: Callable[[], bool] = lambda: True
 
     def etcd_answered(self, reconnect: bool = False) -> None:
@@ -93,6 +96,8 @@ class Stats:
         """(healthy, reason): a snapshot is live, the target writable, etcd answered recently."""
         if self.write_error:
             return False, f"cannot write the target: {self.write_error}; {self.serving_text()}"
+        if self.certificate_refused:
+            return False, f"certificate refused: {self.certificate_refused}; {self.serving_text()}"
         if self.missing_required:
             missing = ", ".join(repr(p) for p in self.missing_required)
             return False, f"waiting for required keys: {missing}; {self.serving_text()}"
@@ -150,14 +155,24 @@ def _metrics(stats: Stats) -> bytes | None:
                 prefix + "sync_failures",
                 "attempts to deliver a change that failed, by reason: etcd (reading or "
                 "following etcd), write (the target), check (rejected by --check), "
-                "on_change (the --on-change command failed)",
+                "on_change (the --on-change command failed), "
+                "certificate (refused by --verify-certs)",
                 labels=["reason"],
             )
             failures.add_metric(["etcd"], stats.etcd_failures)
             failures.add_metric(["write"], stats.write_failures)
             failures.add_metric(["check"], stats.check_failures)
             failures.add_metric(["on_change"], stats.on_change_failures)
+            failures.add_metric(["certificate"], stats.certificate_failures)
             yield failures
+            expiry = GaugeMetricFamily(
+                prefix + "certificate_not_after_timestamp_seconds",
+                "when the leaf certificate of a delivered PEM file expires (Unix time)",
+                labels=["path"],
+            )
+            for path, when in sorted(stats.not_after.items()):
+                expiry.add_metric([path], when)
+            yield expiry
             info = GaugeMetricFamily(prefix + "build_info", "always 1; the version as a label",
                                      labels=["version"])  # fmt: skip
             info.add_metric([__version__], 1.0)

@@ -33,3 +33,5 @@ class Options:
     on_change_timeout: float = 60.0
     stale_start: float | None = None  # seconds
     timeout: float = 60.0  # --once: seconds to get a snapshot
+    verify_certs: bool = False
+    expiry_warning: float = 14 * 86400.0  # seconds

@@ -10,12 +10,14 @@ the key tree it already has, and the etcd session is left alone.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
+from . import certs
 from .events import Ended, Event, FullRead
 from .health import Stats
 from .intake import KeyIntake
@@ -26,6 +28,7 @@ from .snapshot import Published, SnapshotWriter, max_key_path
 
 log = logging.getLogger(__name__)
 
+HOUR, DAY = 3600.0, 86400.0
 RETRY_FIRST, RETRY_MAX = 0.1, 10.0  # seconds between tries to write the target
 ONCE_WRITE_ATTEMPTS = 3  # --once gives up writing the target after this many tries
 
@@ -70,6 +73,70 @@ class RequiredKeys:
         return bool(missing)
 
 
+class CertificateGate:
+    """--verify-certs: no snapshot in which a certificate a change touched is expired,
+    not yet valid, out of chain order or not matched by its key (see ``certs``).
+    Checked before the flip, unlike --check: nothing wrong is ever live."""
+
+    def __init__(self, stats: Stats, clock: Callable[[], float] = time.time) -> None:
+        self.stats = stats
+        self.clock = clock
+
+    def refuses(self, files: Mapping[str, bytes], changed: Collection[str], revision: int) -> bool:
+        now = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
+        found = certs.refusals(files, changed, now)
+        if not found:
+            self.stats.certificate_refused = ""
+            return False
+        why = "; ".join(f"{show(pair)}: {reason}" for pair, reason in sorted(found.items()))
+        if why != self.stats.certificate_refused:  # once per problem, not per retry
+            self.stats.certificate_failures += 1
+            log.error(
+                "r%d: certificate refused, snapshot not published: %s; %s",
+                revision,
+                why,
+                self.stats.serving_text(),
+                extra=fields("certificate_refused", revision=revision, error=why),
+            )
+        self.stats.certificate_refused = why
+        return True
+
+
+class Expiry:
+    """The expiry of every delivered certificate, for /metrics, and a warning ahead of it."""
+
+    def __init__(self, stats: Stats, warn_before: float, clock: Callable[[], float] = time.time):
+        self.stats = stats
+        self.warn_before = warn_before
+        self.clock = clock
+        self.warned: dict[str, float] = {}  # path -> when it was last warned about
+
+    def update(self, files: Mapping[str, bytes], changed: Collection[str]) -> None:
+        for path in changed:
+            when = certs.not_after(files[path]) if path in files else None
+            if when is None:
+                self.stats.not_after.pop(path, None)
+            else:
+                self.stats.not_after[path] = when
+                self.warned.pop(path, None)
+        self.warn()
+
+    def warn(self) -> None:
+        """Once a day per certificate, while it expires within ``warn_before``."""
+        now = self.clock()
+        for path, when in sorted(self.stats.not_after.items()):
+            if when - now < self.warn_before and now - self.warned.get(path, 0) > DAY:
+                self.warned[path] = now
+                left = f"in {(when - now) / DAY:.1f} days" if when > now else "already"
+                log.warning(
+                    "certificate %s expires %s (%s UTC)",
+                    show(path),
+                    left,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when)),
+                    extra=fields("certificate_expiring"),
+                )
+
+
 class Publisher:
     """Keeps the target equal to what etcd said, one snapshot per batch of changes."""
 
@@ -87,6 +154,8 @@ class Publisher:
         selection: KeySelection | None = None,
         required: Collection[str] = (),
         on_change: Callable[[int, list[str], list[str]], None] | None = None,
+        verify_certs: bool = False,
+        expiry_warning: float = 14 * DAY,
     ) -> None:
         self.writer = writer
         self.inbox = inbox
@@ -100,6 +169,8 @@ class Publisher:
         self.keys = KeyIntake(prefix, max_key_path(writer.target), selection)
         self.required = RequiredKeys(required, stats)  # --require: no snapshot without them
         self.on_change = on_change  # --on-change: told of each change made live
+        self.gate = CertificateGate(stats) if verify_certs else None
+        self.expiry = Expiry(stats, expiry_warning)
         self._rejected: tuple[int, str] | None = None  # --check failed, not yet put back
         self.first_sync = threading.Event()  # a snapshot is live: the child may start
         self.done = threading.Event()  # the thread has ended
@@ -125,8 +196,9 @@ class Publisher:
         retry_at: float | None = None  # after a failed write
         failures = 0
         housekeeping_at: float | None = None
+        expiry_at = self.clock() + HOUR  # a certificate nearing its end, changed or not
         while True:
-            deadlines = [t for t in (retry_at, housekeeping_at) if t is not None]
+            deadlines = [t for t in (retry_at, housekeeping_at, expiry_at) if t is not None]
             if window is not None and self.wait is not None:
                 deadlines.append(window_closes(*window, *self.wait))
             timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else None
@@ -149,8 +221,8 @@ class Publisher:
                 if now < window_closes(*window, *self.wait):
                     continue
                 window = None
-            if owed is not None and self.required.lacking(self.keys.tree.files, owed):
-                pass  # the changes stay owed: published once the keys are there
+            if owed is not None and self._held_back(owed, changed):
+                pass  # the changes stay owed: tried again with the next change
             elif owed is not None and (retry_at is None or now >= retry_at):
                 try:
                     self._publish(owed, changed)
@@ -178,10 +250,20 @@ class Publisher:
                 housekeeping_at = self.clock()
             if ended:
                 return
+            if self.clock() >= expiry_at:
+                self.expiry.warn()
+                expiry_at = self.clock() + HOUR
             # Housekeeping when due, and only when no change is waiting: changes first.
             due = housekeeping_at is not None and self.clock() >= housekeeping_at
             if due and self.inbox.empty():
                 housekeeping_at = self.writer.maintain()
+
+    def _held_back(self, revision: int, changed: set[str]) -> bool:
+        """--require and --verify-certs: whether this snapshot must not be published."""
+        files = self.keys.tree.files
+        if self.required.lacking(files, revision):
+            return True
+        return self.gate is not None and self.gate.refuses(files, changed, revision)
 
     def _take(self, timeout: float | None) -> list[Event]:
         """The next event (waiting up to ``timeout``), and every one already queued behind it."""
@@ -231,6 +313,7 @@ class Publisher:
                 return
         self.stats.served(revision, result.name, len(self.keys.tree.files) - len(result.failed))
         _log_published(revision, result, len(self.keys.tree.files), first, self.prefix)
+        self.expiry.update(self.keys.tree.files, set(result.written) | set(result.removed))
         if first:
             self.first_sync.set()
             if self.stats.stale_since is not None:  # the child runs on a previous run's files

@@ -23,6 +23,7 @@ LAYERS = [
     "fsops",  # filesystem primitives
     "keys",  # key -> path rules
     "rules",  # the operator's globs: keys taken, file modes
+    "certs",  # certificate pairs, the gate's rules, expiry; pure
     "events",  # what flows from etcd to the files, as plain data
     "options",
     "config",  # etcd settings from the environment

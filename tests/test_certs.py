@@ -1,0 +1,173 @@
+"""Certificates: the gate's rules on plain data (certificates made here with cryptography),
+then --verify-certs and the expiry metrics against a real etcd and a real nginx."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from helpers import (
+    DispenserProcess,
+    busy_wait,
+    free_port,
+    http_get,
+    make_cert,
+    metric,
+    metrics,
+    nginx_command,
+    same_cert,
+    served_cert,
+    txn_put,
+    write_nginx_conf,
+)
+
+from etcd_config_dispenser import certs
+
+Start = Callable[..., DispenserProcess]
+NOW = datetime.datetime(2026, 11, 26, 12, 0, tzinfo=datetime.timezone.utc)
+DAY = datetime.timedelta(days=1)
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())  # fmt: skip
+
+
+Signer = tuple[str, ec.EllipticCurvePrivateKey]
+
+
+def issue(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: Signer | None = None,
+    start: datetime.datetime = NOW - DAY,
+    days: int = 30,
+) -> x509.Certificate:
+    issuer_name, signer = issuer if issuer else (name, key)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
+        .sign(signer, hashes.SHA256())
+    )
+
+
+@pytest.fixture(scope="module")
+def pki() -> dict[str, bytes]:
+    ca_key, leaf_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = issue("test CA", ca_key)
+    leaf = issue("example.com", leaf_key, ("test CA", ca_key))
+    return {
+        "ca": pem(ca),
+        "leaf": pem(leaf),
+        "key": key_pem(leaf_key),
+        "other key": key_pem(other_key),
+        "expired": pem(issue("old", leaf_key, start=NOW - 40 * DAY, days=30)),
+        "future": pem(issue("new", leaf_key, start=NOW + DAY)),
+    }
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "reason"),
+    [
+        (["leaf", "ca"], "key", None),
+        (["leaf"], "key", None),
+        (["leaf", "ca"], None, None),  # no key beside it: dates and chain only
+        (["leaf", "ca"], "other key", "the key does not match the certificate"),
+        (["ca", "leaf"], "key", "chain out of order: certificate 1 is not issued by certificate 2"),
+        (["expired"], "key", "expired on 2026-11-16"),
+        (["future"], "key", "not valid before 2026-11-27"),
+        (["leaf"], "garbage", "cannot parse the key"),
+    ],
+)
+def test_the_gate_on_plain_data(
+    pki: dict[str, bytes], cert: list[str], key: str | None, reason: str | None
+) -> None:
+    key_bytes = b"-----BEGIN PRIVATE KEY-----\nnot a key\n" if key == "garbage" else None
+    found = certs.check(b"".join(pki[c] for c in cert), key_bytes or (pki[key] if key else None),
+                        NOW)  # fmt: skip
+    assert (found is None) if reason is None else (found is not None and reason in found), found
+
+
+def test_pairs_follow_the_naming_rules() -> None:
+    paths = ["a.com-fullchain.pem", "a.com-key.pem", "live/b/fullchain.pem", "live/b/cert.pem",
+             "live/b/privkey.pem", "k8s/tls.crt", "k8s/tls.key", "db.crt", "db.key", "lone.pem",
+             "notes.txt"]  # fmt: skip
+    found = {(p.cert, p.key) for p in certs.pairs(paths)}
+    assert ("a.com-fullchain.pem", "a.com-key.pem") in found
+    assert ("live/b/fullchain.pem", "live/b/privkey.pem") in found
+    assert ("live/b/cert.pem", "live/b/privkey.pem") in found
+    assert ("k8s/tls.crt", "k8s/tls.key") in found
+    assert ("db.crt", "db.key") in found
+    assert ("lone.pem", None) in found
+    assert not any(c == "notes.txt" for c, _ in found)
+
+
+def test_only_pairs_a_change_touched_are_checked(pki: dict[str, bytes]) -> None:
+    files = {"a-fullchain.pem": pki["leaf"], "a-key.pem": pki["other key"], "b.crt": pki["leaf"],
+             "b.key": pki["key"]}  # fmt: skip
+    assert certs.refusals(files, {"b.crt"}, NOW) == {}
+    assert "a-fullchain.pem + a-key.pem" in certs.refusals(files, {"a-key.pem"}, NOW)
+
+
+# -- against a real etcd and nginx ----------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_pair_with_the_wrong_key_never_goes_live_and_nginx_is_not_signalled(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    good, other, fixed = (make_cert(n, tmp_path) for n in ("good", "other", "fixed"))
+    names = ("example.com-fullchain.pem", "example.com-key.pem")
+    txn_put(etcd, prefix, dict(zip(names, good, strict=True)))  # type: ignore[arg-type]
+    port, health = free_port(), free_port()
+    workdir = tmp_path / "nginx"
+    conf = write_nginx_conf(workdir, port, target)
+    proc = dispenser("--verify-certs", f"--health-addr=127.0.0.1:{health}",
+                     command=nginx_command(workdir, conf))  # fmt: skip
+    busy_wait(lambda: same_cert(served_cert(port), good[0]), timeout=20)
+    before = (target / "..data").readlink()
+    txn_put(etcd, prefix, {names[0]: other[0]})  # type: ignore[arg-type]  # the old key stays
+    busy_wait(lambda: "certificate refused" in proc.log(), timeout=20)
+    assert "'example.com-fullchain.pem + example.com-key.pem': the key does not match" in (
+        proc.log()
+    )
+    assert (target / "..data").readlink() == before  # never live, not even for a moment
+    status, reason = http_get(health, "/healthz")
+    assert status == 503 and reason.startswith("certificate refused: "), reason
+    assert 'sync_failures_total{reason="certificate"} 1.0' in metrics(health)
+    assert "SIGHUP" not in (workdir / "error.log").read_text()
+    txn_put(etcd, prefix, dict(zip(names, fixed, strict=True)))  # type: ignore[arg-type]
+    busy_wait(lambda: same_cert(served_cert(port), fixed[0]), timeout=20)
+    assert http_get(health, "/healthz")[0] == 200
+
+
+@pytest.mark.integration
+def test_every_delivered_certificate_has_its_expiry_as_a_metric_and_a_warning(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start
+) -> None:
+    cert, key = make_cert("soon", tmp_path)  # valid for 1 day
+    txn_put(etcd, prefix, {"sub/tls.crt": cert, "sub/tls.key": key, "plain.txt": b"x"})  # type: ignore[arg-type]
+    health = free_port()
+    proc = dispenser(f"--health-addr=127.0.0.1:{health}")
+    busy_wait(lambda: "expires in" in proc.log(), timeout=20)
+    assert "certificate 'sub/tls.crt' expires in 1.0 days" in proc.log()
+    expected = x509.load_pem_x509_certificate(cert).not_valid_after_utc.timestamp()
+    sample = 'certificate_not_after_timestamp_seconds{path="sub/tls.crt"}'
+    assert metric(metrics(health), sample) == expected
+    etcd.delete(prefix + "sub/tls.crt")  # type: ignore[attr-defined]
+    busy_wait(lambda: 'path="sub/tls.crt"' not in metrics(health), timeout=20)
