@@ -24,6 +24,7 @@ from .sdnotify import Notifier
 from .session import EtcdSession
 from .snapshot import SnapshotWriter
 from .source import EtcdSource
+from .tlsverify import TlsVerifier
 
 log = logging.getLogger("etcd_config_dispenser")
 
@@ -112,6 +113,12 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         required=options.require,
         on_change=hook.changed if hook else None,
         verify_certs=options.verify_certs,
+        verify_tls=(
+            TlsVerifier(list(options.verify_tls), options.verify_tls_timeout).verify
+            if options.verify_tls
+            else None
+        ),
+        rollback_on_failure=options.rollback_on_failure,
         expiry_warning=options.expiry_warning,
     )
     log.info(

@@ -120,3 +120,27 @@ def not_after(value: bytes) -> float | None:
         return x509.load_pem_x509_certificates(value)[0].not_valid_after_utc.timestamp()
     except ValueError:
         return None
+
+
+def leaf_der(value: bytes) -> bytes | None:
+    """The leaf certificate of a PEM certificate file, as DER; None if it holds none."""
+    if PEM_CERT not in value:
+        return None
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        return x509.load_pem_x509_certificates(value)[0].public_bytes(Encoding.DER)
+    except ValueError:
+        return None
+
+
+def describe(der: bytes) -> str:
+    """A served certificate for a log line: subject and serial."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return "a certificate that cannot be parsed"
+    return f"{cert.subject.rfc4514_string()!r} serial {cert.serial_number:#x}"

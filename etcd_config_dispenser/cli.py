@@ -3,7 +3,8 @@
 Usage:
   etcd-config-dispenser --prefix=PREFIX --target=DIR [options]
                         [--include=GLOB]... [--exclude=GLOB]...
-                        [--file-mode=RULE]... [--require=KEY]... [--] [CMD...]
+                        [--file-mode=RULE]... [--require=KEY]...
+                        [--verify-tls=ADDR]... [--] [CMD...]
   etcd-config-dispenser (-h | --help | --version)
 
 Each etcd transaction becomes one snapshot directory under DIR, made live at
@@ -54,6 +55,15 @@ Options:
                          NAME-key.pem, fullchain.pem + privkey.pem, tls.crt
                          + tls.key, NAME.crt + NAME.key): dates, chain
                          order, key match; refused: nothing published.
+  --verify-tls=ADDR      HOST:PORT[,SNI]; after the signal for a change that
+                         touched a certificate, handshake until the child
+                         serves a certificate of the live snapshot; if it
+                         still serves the old one after the timeout, log
+                         an error (the reload did not take); repeatable.
+  --verify-tls-timeout=SECS
+                         How long to wait for the reload [default: 10].
+  --rollback-on-failure  With --verify-tls: when the reload did not take,
+                         put the previous snapshot back and signal again.
   --expiry-warning=DUR   Log a warning this long before a delivered
                          certificate expires [default: 14d].
   --once                 Write the snapshot, then exit 0 (1 if none could be
@@ -122,6 +132,8 @@ from .keys import InvalidKey, key_to_relpath, normalise_prefix
 from .logs import setup_logging
 from .options import Options
 from .rules import FileRule, KeySelection
+from .tlsverify import Address
+from .tlsverify import parse_address as parse_address_sni
 
 log = logging.getLogger("etcd_config_dispenser")
 USAGE = __doc__ or ""
@@ -326,13 +338,20 @@ def parse_required(keys: list[str], prefix: bytes, selection: KeySelection) -> t
     return tuple(required)
 
 
+def parse_tls_address(text: str) -> Address:
+    try:
+        return parse_address_sni(text)
+    except ValueError as err:
+        raise UsageError(f"--verify-tls: {err}") from None
+
+
 def parse_choice(text: str, flag: str, choices: tuple[str, ...]) -> str:
     if text not in choices:
         raise UsageError(f"{flag}: {text!r} is not one of {', '.join(choices)}")
     return text
 
 
-REPEATABLE = ("--include", "--exclude", "--file-mode", "--require")
+REPEATABLE = ("--include", "--exclude", "--file-mode", "--require", "--verify-tls")
 ENV_PREFIX = "DISPENSER_"  # not ETCD_: etcd server reads ETCD_<FLAG> itself
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
@@ -398,6 +417,8 @@ def _parse(argv: list[str]) -> Options:
         raise UsageError("--target: must not be empty")
     if args["--once"] and args["CMD"]:
         raise UsageError("--once: takes no command")
+    if args["--rollback-on-failure"] and not args["--verify-tls"]:
+        raise UsageError("--rollback-on-failure: needs --verify-tls (what failure?)")
     if args["--once"] and args["--on-change"] is not None:
         raise UsageError("--once: takes no --on-change (a hook outlives a --once run)")
     for flag in ("--on-change", "--stale-start"):
@@ -418,6 +439,9 @@ def _parse(argv: list[str]) -> Options:
         ),
         timeout=parse_positive(args["--timeout"], "--timeout"),
         verify_certs=args["--verify-certs"],
+        verify_tls=tuple(parse_tls_address(text) for text in args["--verify-tls"]),
+        verify_tls_timeout=parse_positive(args["--verify-tls-timeout"], "--verify-tls-timeout"),
+        rollback_on_failure=args["--rollback-on-failure"],
         expiry_warning=parse_duration(args["--expiry-warning"], "--expiry-warning"),
         prefix=prefix,
         target=Path(args["--target"]).absolute(),

@@ -50,6 +50,8 @@ class Stats:
     certificate_failures: int = 0  # snapshots --verify-certs refused
     certificate_refused: str = ""  # why the last one was, until one passes
     not_after: dict[str, float] = field(default_factory=dict)  # certificate path -> expiry
+    reload_failures: int = 0  # --verify-tls: changes the child did not serve
+    reload_failed: str = ""  # why the last one was not, until one is
     publisher_running: Callable[[], bool] = lambda: True
 
     def etcd_answered(self, reconnect: bool = False) -> None:
@@ -106,6 +108,8 @@ class Stats:
             return False, f"serving stale data: {self.stale_since}, etcd: {why}"
         if not self.first_sync:
             return False, f"no snapshot yet: {self.last_error or 'first read in progress'}"
+        if self.reload_failed:
+            return False, f"{self.reload_failed}; serving r{self.revision}"
         if self.on_change_error:
             return False, f"--on-change failed: {self.on_change_error}; serving r{self.revision}"
         if not self.connected:
@@ -156,7 +160,7 @@ def _metrics(stats: Stats) -> bytes | None:
                 "attempts to deliver a change that failed, by reason: etcd (reading or "
                 "following etcd), write (the target), check (rejected by --check), "
                 "on_change (the --on-change command failed), "
-                "certificate (refused by --verify-certs)",
+                "certificate (refused by --verify-certs), reload (--verify-tls: not served)",
                 labels=["reason"],
             )
             failures.add_metric(["etcd"], stats.etcd_failures)
@@ -164,6 +168,7 @@ def _metrics(stats: Stats) -> bytes | None:
             failures.add_metric(["check"], stats.check_failures)
             failures.add_metric(["on_change"], stats.on_change_failures)
             failures.add_metric(["certificate"], stats.certificate_failures)
+            failures.add_metric(["reload"], stats.reload_failures)
             yield failures
             expiry = GaugeMetricFamily(
                 prefix + "certificate_not_after_timestamp_seconds",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .rules import FileRule, KeySelection
+from .tlsverify import Address
 
 
 @dataclass(frozen=True)
@@ -34,4 +35,7 @@ class Options:
     stale_start: float | None = None  # seconds
     timeout: float = 60.0  # --once: seconds to get a snapshot
     verify_certs: bool = False
+    verify_tls: tuple[Address, ...] = ()
+    verify_tls_timeout: float = 10.0
+    rollback_on_failure: bool = False
     expiry_warning: float = 14 * 86400.0  # seconds

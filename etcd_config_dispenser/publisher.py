@@ -137,6 +137,30 @@ class Expiry:
                 )
 
 
+class ReloadProof:
+    """--verify-tls after the signal for a change that touched a certificate."""
+
+    def __init__(
+        self, verify: Callable[[Mapping[str, bytes], int], str | None], rollback: bool, stats: Stats
+    ) -> None:
+        self.verify = verify
+        self.rollback = rollback  # --rollback-on-failure
+        self.stats = stats
+
+    def failed(self, files: Mapping[str, bytes], revision: int, result: Published) -> str | None:
+        """Why the child does not serve this change's certificates (logged), or None."""
+        touched = set(result.written) | set(result.removed)
+        if not any(pair.cert in touched for pair in certs.pairs(touched)):
+            return None
+        why = self.verify(files, revision)
+        self.stats.reload_failed = why or ""
+        if why is not None:
+            self.stats.reload_failures += 1
+            failed = fields("reload_failed", revision=revision, error=why)
+            log.error("r%d: %s", revision, why, extra=failed)
+        return why
+
+
 class Publisher:
     """Keeps the target equal to what etcd said, one snapshot per batch of changes."""
 
@@ -156,6 +180,8 @@ class Publisher:
         on_change: Callable[[int, list[str], list[str]], None] | None = None,
         verify_certs: bool = False,
         expiry_warning: float = 14 * DAY,
+        verify_tls: Callable[[Mapping[str, bytes], int], str | None] | None = None,
+        rollback_on_failure: bool = False,
     ) -> None:
         self.writer = writer
         self.inbox = inbox
@@ -171,6 +197,7 @@ class Publisher:
         self.on_change = on_change  # --on-change: told of each change made live
         self.gate = CertificateGate(stats) if verify_certs else None
         self.expiry = Expiry(stats, expiry_warning)
+        self.proof = ReloadProof(verify_tls, rollback_on_failure, stats) if verify_tls else None
         self._rejected: tuple[int, str] | None = None  # --check failed, not yet put back
         self.first_sync = threading.Event()  # a snapshot is live: the child may start
         self.done = threading.Event()  # the thread has ended
@@ -202,7 +229,7 @@ class Publisher:
             if window is not None and self.wait is not None:
                 deadlines.append(window_closes(*window, *self.wait))
             timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else None
-            events = self._take(timeout)
+            events = take(self.inbox, timeout)
             ended = bool(events) and isinstance(events[-1], Ended)
             for event in events:
                 if isinstance(event, Ended):  # last: what came before it is still published
@@ -221,7 +248,11 @@ class Publisher:
                 if now < window_closes(*window, *self.wait):
                     continue
                 window = None
-            if owed is not None and self._held_back(owed, changed):
+            files = self.keys.tree.files
+            if owed is not None and (
+                self.required.lacking(files, owed)
+                or (self.gate is not None and self.gate.refuses(files, changed, owed))
+            ):
                 pass  # the changes stay owed: tried again with the next change
             elif owed is not None and (retry_at is None or now >= retry_at):
                 try:
@@ -257,26 +288,6 @@ class Publisher:
             due = housekeeping_at is not None and self.clock() >= housekeeping_at
             if due and self.inbox.empty():
                 housekeeping_at = self.writer.maintain()
-
-    def _held_back(self, revision: int, changed: set[str]) -> bool:
-        """--require and --verify-certs: whether this snapshot must not be published."""
-        files = self.keys.tree.files
-        if self.required.lacking(files, revision):
-            return True
-        return self.gate is not None and self.gate.refuses(files, changed, revision)
-
-    def _take(self, timeout: float | None) -> list[Event]:
-        """The next event (waiting up to ``timeout``), and every one already queued behind it."""
-        try:
-            events = [self.inbox.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while not isinstance(events[-1], Ended):
-            try:
-                events.append(self.inbox.get_nowait())
-            except queue.Empty:
-                break
-        return events
 
     # -- one snapshot -------------------------------------------------------
 
@@ -321,9 +332,23 @@ class Publisher:
                 self._signal(revision)
         else:
             self._signal(revision)
+            if self._reload_failed(revision, result):
+                return
         if self.on_change is not None:
             self.on_change(revision, result.written, result.removed)
         self.writer.settle()
+
+    def _reload_failed(self, revision: int, result: Published) -> bool:
+        """--verify-tls said the child does not serve the change: with
+        --rollback-on-failure, the previous snapshot is put back and the child
+        signalled again, so that the files match what is served."""
+        why = self.proof.failed(self.keys.tree.files, revision, result) if self.proof else None
+        if why is None or not self.proof or not self.proof.rollback:
+            return False
+        self._rejected = (revision, why)
+        self._reject(revision, why, first=False)
+        self._signal(revision)
+        return True
 
     def _signal(self, revision: int) -> None:
         sent = self.notify()
@@ -355,6 +380,20 @@ class Publisher:
             self.stats.first_sync, self.stats.serving = True, previous
             self.first_sync.set()
         self.writer.settle()
+
+
+def take(inbox: queue.Queue[Event], timeout: float | None) -> list[Event]:
+    """The next event (waiting up to ``timeout``), and every one already queued behind it."""
+    try:
+        events = [inbox.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while not isinstance(events[-1], Ended):
+        try:
+            events.append(inbox.get_nowait())
+        except queue.Empty:
+            break
+    return events
 
 
 def _log_published(

@@ -24,6 +24,7 @@ LAYERS = [
     "keys",  # key -> path rules
     "rules",  # the operator's globs: keys taken, file modes
     "certs",  # certificate pairs, the gate's rules, expiry; pure
+    "tlsverify",  # --verify-tls: what the child serves
     "events",  # what flows from etcd to the files, as plain data
     "options",
     "config",  # etcd settings from the environment

@@ -171,3 +171,52 @@ def test_every_delivered_certificate_has_its_expiry_as_a_metric_and_a_warning(
     assert metric(metrics(health), sample) == expected
     etcd.delete(prefix + "sub/tls.crt")  # type: ignore[attr-defined]
     busy_wait(lambda: 'path="sub/tls.crt"' not in metrics(health), timeout=20)
+
+
+def nginx_with_include(workdir: Path, port: int, target: Path) -> Path:
+    """nginx whose configuration includes a file the dispenser delivers: a broken one
+    makes the reload fail, and nginx goes on serving the old certificate."""
+    conf = write_nginx_conf(workdir, port, target)
+    text = conf.read_text().replace("http {", f"http {{\n  include {target}/extra.conf;", 1)
+    conf.write_text(text)
+    return conf
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("rollback", [False, True])
+def test_verify_tls_sees_a_reload_that_did_not_take(
+    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start, rollback: bool
+) -> None:
+    first, second, third = (make_cert(n, tmp_path) for n in ("first", "second", "third"))
+    names = ("example.com-fullchain.pem", "example.com-key.pem")
+
+    def put(pair: tuple[bytes, bytes], extra: bytes) -> None:
+        files = {**dict(zip(names, pair, strict=True)), "extra.conf": extra}
+        txn_put(etcd, prefix, files)  # type: ignore[arg-type]
+
+    put(first, b"# fine\n")
+    port, health = free_port(), free_port()
+    workdir = tmp_path / "nginx"
+    conf = nginx_with_include(workdir, port, target)
+    flags = [f"--verify-tls=127.0.0.1:{port},example.com", "--verify-tls-timeout=2",
+             f"--health-addr=127.0.0.1:{health}"]  # fmt: skip
+    flags += ["--rollback-on-failure"] if rollback else []
+    proc = dispenser(*flags, command=nginx_command(workdir, conf))
+    busy_wait(lambda: same_cert(served_cert(port), first[0]), timeout=20)
+    put(second, b"this is not nginx configuration;\n")  # the reload fails on it
+    busy_wait(lambda: "the reload did not take" in proc.log(), timeout=30)
+    assert f"127.0.0.1:{port} (example.com) still serves 'CN=first' serial 0x" in proc.log()
+    assert same_cert(served_cert(port), first[0])
+    assert 'sync_failures_total{reason="reload"} 1.0' in metrics(health)
+    status, reason = http_get(health, "/healthz")
+    assert status == 503 and "the reload did not take" in reason, reason
+    if rollback:  # the files match what is served again, and nginx reloaded them
+        busy_wait(lambda: (target / names[0]).read_bytes() == first[0], timeout=20)
+        assert (target / "extra.conf").read_bytes() == b"# fine\n"
+        busy_wait(lambda: (workdir / "error.log").read_text().count("SIGHUP") == 2, timeout=20)
+    else:
+        assert (target / names[0]).read_bytes() == second[0]  # on disk, not served
+    put(third, b"# fixed\n")
+    busy_wait(lambda: same_cert(served_cert(port), third[0]), timeout=20)
+    busy_wait(lambda: "(example.com-fullchain.pem): the reload took" in proc.log(), timeout=20)
+    busy_wait(lambda: http_get(health, "/healthz")[0] == 200, timeout=20)

@@ -135,6 +135,9 @@ def test_bad_values_name_the_flag(args: list[str], flag: str) -> None:
         (["-p", "/x", "-t", "o", "--stale-start="], "--stale-start: must not be empty"),
         (["-p", "/x", "-t", "o", "--once", "--timeout=0"], "--timeout: must be more than 0"),
         (["-p", "/x", "-t", "o", "--once", "--on-change=x"], "--once: takes no --on-change"),
+        (["-p", "/x", "-t", "o", "--verify-tls=nohost"], "--verify-tls: 'nohost' is not HOST:PORT"),
+        (["-p", "/x", "-t", "o", "--rollback-on-failure"], "needs --verify-tls"),
+        (["-p", "/x", "-t", "o", "--expiry-warning=soon"], "--expiry-warning: 'soon'"),
     ],
 )
 def test_bad_flags_exit_2_with_usage_and_no_traceback(args: list[str], needle: str) -> None:
