@@ -18,12 +18,13 @@ from .layout import describe_snapshot
 from .logs import fields
 from .onchange import OnChange
 from .options import Options
-from .publisher import Publisher
+from .publisher import Listener, Publisher
 from .recovery import abandon
 from .sdnotify import Notifier
 from .session import EtcdSession
 from .snapshot import SnapshotWriter
 from .source import EtcdSource
+from .status import FilesDigest, StatusReporter
 from .tlsverify import TlsVerifier
 
 log = logging.getLogger("etcd_config_dispenser")
@@ -100,6 +101,16 @@ def run(options: Options, etcd: EtcdConfig) -> int:
             options.on_change_timeout,
         )
         hook.start()
+    listeners: list[Listener] = []
+    if hook is not None:
+        listeners.append(hook.changed)
+    reporter = None
+    if options.status_prefix is not None:
+        digest = FilesDigest()
+        listeners.append(digest.update)
+        status_source = EtcdSource(etcd, options.status_prefix)
+        reporter = StatusReporter(status_source, options.instance, stats, digest)
+        reporter.start()
     publisher = Publisher(
         writer,
         inbox,
@@ -111,7 +122,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         check=(lambda: run_check(check, env, supervisor)) if (check := options.check) else None,
         selection=options.selection,
         required=options.require,
-        on_change=hook.changed if hook else None,
+        listeners=listeners,
         verify_certs=options.verify_certs,
         verify_tls=(
             TlsVerifier(list(options.verify_tls), options.verify_tls_timeout).verify
@@ -165,6 +176,8 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         publisher.done.wait(5.0)
         if hook is not None:
             hook.stop()
+        if reporter is not None:
+            reporter.stop()
 
 
 def _once_result(

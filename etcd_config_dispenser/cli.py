@@ -64,6 +64,12 @@ Options:
                          How long to wait for the reload [default: 10].
   --rollback-on-failure  With --verify-tls: when the reload did not take,
                          put the previous snapshot back and signal again.
+  --status-prefix=PFX    Keep PFX/INSTANCE in etcd (under a lease: it goes
+                         when this process does) saying what this instance
+                         serves: revision, files digest, verification;
+                         see etcd-config-ctl status and wait.
+  --instance=NAME        This instance's name under --status-prefix
+                         (default: the host name).
   --expiry-warning=DUR   Log a warning this long before a delivered
                          certificate expires [default: 14d].
   --once                 Write the snapshot, then exit 0 (1 if none could be
@@ -120,6 +126,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -345,6 +352,23 @@ def parse_tls_address(text: str) -> Address:
         raise UsageError(f"--verify-tls: {err}") from None
 
 
+def parse_status_prefix(text: str | None, prefix: bytes) -> bytes | None:
+    """Not inside the config prefix, nor around it: the status would become files."""
+    if text is None:
+        return None
+    status = normalise_prefix(text)
+    if status == b"/" or status.startswith(prefix) or prefix.startswith(status):
+        raise UsageError(f"--status-prefix: {text!r} overlaps --prefix; choose a separate one")
+    return status
+
+
+def parse_instance(text: str | None) -> str:
+    name = socket.gethostname() if text is None else text
+    if not name or "/" in name or not name.isprintable():
+        raise UsageError(f"--instance: {name!r} must be a non-empty name without '/'")
+    return name
+
+
 def parse_choice(text: str, flag: str, choices: tuple[str, ...]) -> str:
     if text not in choices:
         raise UsageError(f"{flag}: {text!r} is not one of {', '.join(choices)}")
@@ -442,6 +466,8 @@ def _parse(argv: list[str]) -> Options:
         verify_tls=tuple(parse_tls_address(text) for text in args["--verify-tls"]),
         verify_tls_timeout=parse_positive(args["--verify-tls-timeout"], "--verify-tls-timeout"),
         rollback_on_failure=args["--rollback-on-failure"],
+        status_prefix=parse_status_prefix(args["--status-prefix"], prefix),
+        instance=parse_instance(args["--instance"]),
         expiry_warning=parse_duration(args["--expiry-warning"], "--expiry-warning"),
         prefix=prefix,
         target=Path(args["--target"]).absolute(),

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Collection, Mapping
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import etcd3.etcdrpc as rpc
 import grpc
 from docopt import DocoptExit, docopt
 
-from . import __version__, config
+from . import __version__, config, rollout
 from .keys import InvalidKey, KeyTree, key_to_relpath, normalise_prefix
 from .source import EtcdSource, EtcdUnavailable, describe, range_end
 
@@ -27,6 +27,9 @@ USAGE = f"""{PROG}: write files into etcd in one transaction, for etcd-config-di
 
 Usage:
   {PROG} put --prefix=PREFIX [--delete-others] NAME=FILE...
+  {PROG} status --status-prefix=PREFIX
+  {PROG} wait --status-prefix=PREFIX --revision=N [--min-instances=K]
+                  [--timeout=SECS]
   {PROG} (-h | --help | --version)
 
 Puts the bytes of each FILE (exactly: a final newline is kept) at the key
@@ -35,8 +38,20 @@ them change at once: never a new certificate with an old key. FILE "-" is
 standard input. NAME follows the dispenser's key rules (a/b makes directory
 a; no "..", no leading ".."). Prints the revision of the transaction.
 
+status: the instances of etcd-config-dispenser --status-prefix=PREFIX that
+are alive, what each serves. wait: exit 0 once every live instance serves
+revision N or later (and, if it verifies with --verify-tls, its last
+verification passed), with at least K of them; else, after the timeout,
+exit 1 naming those behind. Publish, wait, and only then revoke the old
+certificate.
+
 Options:
   -p, --prefix=PREFIX   etcd prefix, as given to the dispenser.
+  --status-prefix=PREFIX
+                        the dispensers' --status-prefix.
+  --revision=N          the revision to wait for (put prints it).
+  --min-instances=K     at least this many live instances [default: 1].
+  --timeout=SECS        how long to wait [default: 60].
   --delete-others       also delete every other key under PREFIX, in the same
                         transaction: afterwards it holds exactly these names.
                         (2N+1 operations for N names: etcd's --max-txn-ops,
@@ -164,17 +179,56 @@ def put_exactly(
     return int(response.header.revision), deleted
 
 
+COMMANDS = {  # command -> (its options, the required ones)
+    "put": (("-p", "--prefix", "--delete-others"), ("--prefix",)),
+    "status": (("--status-prefix",), ("--status-prefix",)),
+    "wait": (
+        ("--status-prefix", "--revision", "--min-instances", "--timeout"),
+        ("--status-prefix", "--revision"),
+    ),
+}
+
+
 def _what_is_wrong(words: list[str]) -> str:
     """One line for a command line docopt refused (its own message names no flag)."""
-    if not words or words[0] != "put":
-        return f"unknown command {words[0]!r}: the command is put" if words else "no command"
+    if not words or words[0] not in COMMANDS:
+        known = ", ".join(COMMANDS)
+        return f"unknown command {words[0]!r}: one of {known}" if words else "no command"
+    allowed, required = COMMANDS[words[0]]
     for word in words[1:]:
         flag = word.partition("=")[0]
-        if flag.startswith("-") and flag not in ("-p", "--prefix", "--delete-others"):
-            return f"unknown option {flag}"
-    if not any(w.startswith(("-p", "--prefix")) for w in words):
-        return "--prefix is required"
+        if flag.startswith("-") and flag not in allowed:
+            return f"unknown option {flag} for {words[0]}"
+    for flag in required:
+        short = "-p" if flag == "--prefix" else flag
+        if not any(w.startswith((flag, short)) for w in words):
+            return f"{flag} is required"
     return "at least one NAME=FILE is required"
+
+
+def rollout_command(args: dict[str, Any]) -> None:
+    """status and wait."""
+    try:
+        etcd = config.load(os.environ)
+        revision = int(args["--revision"]) if args["wait"] else 0
+        least, timeout = int(args["--min-instances"]), float(args["--timeout"])
+    except config.ConfigError as err:
+        fail(str(err), 2)
+    except ValueError as err:
+        fail(f"--revision, --min-instances, --timeout: {err}", 2)
+    source = EtcdSource(etcd, normalise_prefix(args["--status-prefix"]))
+    try:
+        if args["status"]:
+            print(rollout.table(rollout.read(source)))
+            return
+        missing = rollout.wait(source, revision, least, timeout)
+    except Exception as err:
+        fail(f"cannot read the status keys: {err}", 1)
+    finally:
+        source.close()
+    if missing:
+        fail(f"not every instance serves r{revision} after {timeout:g}s: {'; '.join(missing)}", 1)
+    print(f"every live instance serves r{revision} or later")
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -188,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         args = docopt(USAGE, argv=words, version=__version__)
     except DocoptExit:
         fail(f"{_what_is_wrong(words)}\n{USAGE.split(chr(10) * 2)[1]}", 2)
+    if args["status"] or args["wait"]:
+        rollout_command(args)
+        return
     prefix = normalise_prefix(args["--prefix"])
     if prefix == b"/" and args["--delete-others"]:
         fail("--prefix=/ with --delete-others would delete every key of etcd: refused", 2)

@@ -52,6 +52,7 @@ class Stats:
     not_after: dict[str, float] = field(default_factory=dict)  # certificate path -> expiry
     reload_failures: int = 0  # --verify-tls: changes the child did not serve
     reload_failed: str = ""  # why the last one was not, until one is
+    reload_checked: int | None = None  # the revision --verify-tls looked at last
     publisher_running: Callable[[], bool] = lambda: True
 
     def etcd_answered(self, reconnect: bool = False) -> None:

@@ -55,7 +55,9 @@ class OnChange:
         self._thread: threading.Thread | None = None
         self.runs = 0  # finished runs, for tests and metrics
 
-    def changed(self, revision: int, written: list[str], removed: list[str]) -> None:
+    def changed(
+        self, revision: int, _files: Mapping[str, bytes], written: list[str], removed: list[str]
+    ) -> None:
         """A change is live (publisher thread): run the hook for it, now or next."""
         with self._lock:
             self._paths.update(dict.fromkeys(written, True))

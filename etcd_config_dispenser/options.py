@@ -38,4 +38,6 @@ class Options:
     verify_tls: tuple[Address, ...] = ()
     verify_tls_timeout: float = 10.0
     rollback_on_failure: bool = False
+    status_prefix: bytes | None = None  # ends in "/"
+    instance: str = ""
     expiry_warning: float = 14 * 86400.0  # seconds

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from . import certs
 from .events import Ended, Event, FullRead
@@ -29,6 +29,8 @@ from .snapshot import Published, SnapshotWriter, max_key_path
 log = logging.getLogger(__name__)
 
 HOUR, DAY = 3600.0, 86400.0
+# After each change made live: (revision, every file, paths written, paths removed).
+Listener = Callable[[int, Mapping[str, bytes], list[str], list[str]], None]
 RETRY_FIRST, RETRY_MAX = 0.1, 10.0  # seconds between tries to write the target
 ONCE_WRITE_ATTEMPTS = 3  # --once gives up writing the target after this many tries
 
@@ -153,7 +155,7 @@ class ReloadProof:
         if not any(pair.cert in touched for pair in certs.pairs(touched)):
             return None
         why = self.verify(files, revision)
-        self.stats.reload_failed = why or ""
+        self.stats.reload_failed, self.stats.reload_checked = why or "", revision
         if why is not None:
             self.stats.reload_failures += 1
             failed = fields("reload_failed", revision=revision, error=why)
@@ -177,7 +179,7 @@ class Publisher:
         clock: Callable[[], float] = time.monotonic,
         selection: KeySelection | None = None,
         required: Collection[str] = (),
-        on_change: Callable[[int, list[str], list[str]], None] | None = None,
+        listeners: Sequence[Listener] = (),
         verify_certs: bool = False,
         expiry_warning: float = 14 * DAY,
         verify_tls: Callable[[Mapping[str, bytes], int], str | None] | None = None,
@@ -194,7 +196,7 @@ class Publisher:
         self.clock = clock
         self.keys = KeyIntake(prefix, max_key_path(writer.target), selection)
         self.required = RequiredKeys(required, stats)  # --require: no snapshot without them
-        self.on_change = on_change  # --on-change: told of each change made live
+        self.listeners = listeners  # told of each change made live: --on-change, status
         self.gate = CertificateGate(stats) if verify_certs else None
         self.expiry = Expiry(stats, expiry_warning)
         self.proof = ReloadProof(verify_tls, rollback_on_failure, stats) if verify_tls else None
@@ -334,8 +336,8 @@ class Publisher:
             self._signal(revision)
             if self._reload_failed(revision, result):
                 return
-        if self.on_change is not None:
-            self.on_change(revision, result.written, result.removed)
+        for listener in self.listeners:
+            listener(revision, self.keys.tree.files, result.written, result.removed)
         self.writer.settle()
 
     def _reload_failed(self, revision: int, result: Published) -> bool:

@@ -38,6 +38,7 @@ LAYERS = [
     "snapshot",  # the writer
     "source",  # etcd client
     "session",  # etcd side: read, watch, retry
+    "status",  # --status-prefix: what this instance serves, in etcd
     "child",  # the child: spawn, signal, reap
     "checkcmd",  # --check, started through the child supervisor
     "onchange",  # --on-change, on its own thread
@@ -45,6 +46,7 @@ LAYERS = [
     "publisher",  # file side: intake -> snapshot -> signal
     "app",
     "cli",
+    "rollout",  # etcd-config-ctl status and wait: the status keys read back
     "ctl",  # etcd-config-ctl, the companion command
     "__main__",
 ]
