@@ -170,8 +170,16 @@ class Ledger:
             if s.retired_at is not None and not self._past_grace(s, now)
         ]
         waits += list(self.doomed.values())
+        # A grace (or the burst) may have ended while the run that asks was busy: what it
+        # made due then is due now, or it would wait for the next change (old values kept).
+        protected = self.previous if isinstance(self.previous, Snap) else None
+        ready = [s for s in self.spares if self._past_grace(s, now) and s is not protected]
+        if self.live is not None and any(s.seq != self.live.seq for s in ready):
+            waits.append(now)  # a spare to bring up to date
         if not quiet and len(self.spares) > self.max_spares and self.live_since is not None:
             waits.append(self.live_since + self.grace)  # the burst's extra spares go then
+        # (Once quiet, an extra spare is either past its grace and behind, so due now by
+        # the rule above, or still in its grace, so due when it ends.)
         return max(min(waits), now + 1e-3) if waits else None
 
     def doom(self, name: str, when: float) -> None:

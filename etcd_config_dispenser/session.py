@@ -166,5 +166,7 @@ class EtcdSession:
                         err,
                         extra=fields("etcd_failed", error=err),
                     )
-                    self.source.interrupt(move_on=True)
+                    # Only a stream still open: a flag left for the next one would cut
+                    # the good watch after the reconnect (a second, needless full read).
+                    self.source.interrupt(move_on=True, later=False)
                 return

@@ -42,7 +42,7 @@ GRPC_OPTIONS = [
 # etcd's WithRequireLeader: a member cut off from its cluster cancels the watch
 # instead of keeping a stale one open.
 REQUIRE_LEADER = (("hasleader", "true"),)
-READ_PAGE = 1000  # keys per range request in a full read
+READ_PAGE = 100  # keys per range request in a full read
 DELETE = kv_pb2.Event.DELETE
 
 

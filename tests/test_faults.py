@@ -22,6 +22,7 @@ from helpers import (
     DispenserProcess,
     EtcdServer,
     busy_wait,
+    dir_files,
     free_port,
     http_get,
     metric,
@@ -77,8 +78,9 @@ class Watched:
 
         def sample() -> None:
             while not self._stop.is_set():
-                try:
-                    tree: object = read_tree(self.target)
+                try:  # one revision: through one resolved ..data, as the README says
+                    live = self.target / os.readlink(self.target / "..data")
+                    tree: object = dir_files(live)
                 except OSError as err:  # a missing file is the worst answer of all
                     tree = err
                 if tree not in self.allowed:

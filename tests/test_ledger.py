@@ -1,0 +1,64 @@
+"""The snapshot ledger on plain data: housekeeping, rescheduled by next_due, always ends
+with every spare up to date and no more than MAX_SPARES kept, however long each run takes
+(a run that outlasts a spare's grace once left it behind for good, with old secrets)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from etcd_config_dispenser.ledger import Ledger
+
+GRACE, MAX_SPARES, MIN_GRACE = 0.25, 2, 0.025
+
+
+def run_housekeeping(ledger: Ledger, now: float, took: float) -> float | None:
+    """One Housekeeper.run: what is due at ``now`` is done; the next due time is asked
+    for when the run ends, ``took`` seconds later, as the Housekeeper does."""
+    due = ledger.housekeeping(now)
+    for spare, _paths in due.catch_up:
+        ledger.caught_up(spare)
+    return ledger.next_due(now + took)
+
+
+def test_a_grace_that_ends_during_a_run_is_not_forgotten() -> None:
+    ledger = Ledger(GRACE, MAX_SPARES, MIN_GRACE)
+    ledger.published("s0", 1, [], 0.0)
+    for i, when in enumerate([0.00, 0.01, 0.02, 0.03], start=1):  # a burst
+        ledger.published(f"s{i}", i + 1, ["key"], when)
+        ledger.settle()
+    next_due = run_housekeeping(ledger, 0.251, took=0.040)  # woken for s0's grace end
+    assert next_due is not None  # s1's grace (0.26) ended during the run: due at once
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    gaps=st.lists(st.floats(0.0, 0.4), min_size=1, max_size=12),
+    runs=st.lists(st.floats(0.0, 0.3), min_size=1, max_size=8),
+)
+def test_following_next_due_always_ends_clean(gaps: list[float], runs: list[float]) -> None:
+    ledger = Ledger(GRACE, MAX_SPARES, MIN_GRACE)
+    now, due = 0.0, None
+    ledger.published("s0", 1, [], now)
+    ledger.settle()
+    for i, gap in enumerate(gaps, start=1):
+        # Housekeeping when due, before the next change (the publisher's rule).
+        while due is not None and due <= now + gap:
+            now = max(now, due)
+            took = runs[i % len(runs)]
+            due = run_housekeeping(ledger, now, took)
+            now += took
+        now += gap
+        ledger.published(f"s{i}", i + 1, [f"k{i}"], now)
+        ledger.settle()  # signalled: nothing to roll back to (the writer's settle)
+        due = ledger.next_due(now)
+    for step in range(200):  # quiet from here on: follow next_due to the end
+        if due is None:
+            break
+        now = max(now, due)
+        took = runs[step % len(runs)]
+        due = run_housekeeping(ledger, now, took)
+        now += took
+    assert ledger.live is not None
+    assert [s.name for s in ledger.spares if s.seq != ledger.live.seq] == []
+    assert len(ledger.spares) <= MAX_SPARES
