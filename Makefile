@@ -100,6 +100,8 @@ wheelhouse: install-run
 
 image: base-image wheelhouse
 	$(PODMAN) build --network=host --pull=never --target dispenser -t etcd-config-dispenser .
+	$(PODMAN) build --network=host --pull=never --target debian-nginx \
+		-t etcd-config-dispenser-nginx-base .
 	$(PODMAN) build --network=host --pull=never --target nginx -t etcd-config-dispenser-nginx .
 	@$(PODMAN) image prune -f >/dev/null
 	@$(PODMAN) images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep etcd-config-dispenser
