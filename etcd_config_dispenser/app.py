@@ -18,7 +18,7 @@ from .layout import describe_snapshot
 from .logs import fields
 from .onchange import OnChange
 from .options import Options
-from .publisher import Listener, Publisher
+from .publisher import Listener, Publisher, Rules
 from .recovery import abandon
 from .sdnotify import Notifier
 from .session import EtcdSession
@@ -77,6 +77,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     if live:
         log.info("serving %s until the first sync replaces it", live)
     stats = Stats()
+    stats.verifies = bool(options.verify_tls)
     stats.serving = live
     if options.health_addr:
         try:
@@ -120,17 +121,19 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         once=options.once,
         wait=options.wait,
         check=(lambda: run_check(check, env, supervisor)) if (check := options.check) else None,
-        selection=options.selection,
-        required=options.require,
-        listeners=listeners,
-        verify_certs=options.verify_certs,
-        verify_tls=(
-            TlsVerifier(list(options.verify_tls), options.verify_tls_timeout).verify
-            if options.verify_tls
-            else None
+        rules=Rules(
+            selection=options.selection,
+            required=options.require,
+            listeners=listeners,
+            verify_certs=options.verify_certs,
+            expiry_warning=options.expiry_warning,
+            verify_tls=(
+                TlsVerifier(list(options.verify_tls), options.verify_tls_timeout).verify
+                if options.verify_tls
+                else None
+            ),
+            rollback_on_failure=options.rollback_on_failure,
         ),
-        rollback_on_failure=options.rollback_on_failure,
-        expiry_warning=options.expiry_warning,
     )
     log.info(
         "syncing prefix %r from %s into %s",

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 
 PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 FIXED = {"fullchain.pem": "privkey.pem", "cert.pem": "privkey.pem", "tls.crt": "tls.key"}
-SUFFIXES = {"-fullchain.pem": "-key.pem", "-cert.pem": "-key.pem", ".crt": ".key", ".pem": ".key"}
+SUFFIXES = {
+    "-fullchain.pem": ("-key.pem",),
+    "-cert.pem": ("-key.pem",),
+    ".crt": (".key",),
+    ".pem": (".key", "-key.pem"),  # the second: mkcert's NAME.pem + NAME-key.pem
+}
 
 
 @dataclass(frozen=True)
@@ -32,16 +37,26 @@ class Pair:
     key: str | None  # None: a certificate with no key beside it
 
 
-def key_name(name: str) -> str | None:
-    """The key file's name for a certificate file's name, by the rules above; None if
-    the name is not a certificate's. (``privkey.pem`` maps to ``privkey.key``, which
-    is never there, and a key holds no certificate: checking it finds nothing.)"""
+def key_names(name: str) -> tuple[str, ...]:
+    """The names the key of a certificate file may have, by the rules above, in order;
+    () if the name is not a certificate's. (``privkey.pem`` maps to ``privkey.key``,
+    which is never there, and a key holds no certificate: checking it finds nothing.)"""
     if name in FIXED:
-        return FIXED[name]
-    for suffix, key_suffix in SUFFIXES.items():
+        return (FIXED[name],)
+    for suffix, key_suffixes in SUFFIXES.items():
         if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)] + key_suffix
-    return None
+            return tuple(name[: -len(suffix)] + key_suffix for key_suffix in key_suffixes)
+    return ()
+
+
+def cert_names(key_name: str) -> tuple[str, ...]:
+    """The certificate names a key file's name can belong to (key_names reversed)."""
+    found = [cert for cert, key in FIXED.items() if key == key_name]
+    for suffix, key_suffixes in SUFFIXES.items():
+        for key_suffix in key_suffixes:
+            if key_name.endswith(key_suffix) and len(key_name) > len(key_suffix):
+                found.append(key_name[: -len(key_suffix)] + suffix)
+    return tuple(found)
 
 
 def pairs(paths: Collection[str]) -> Iterator[Pair]:
@@ -50,10 +65,10 @@ def pairs(paths: Collection[str]) -> Iterator[Pair]:
     present = set(paths)
     for path in sorted(present):
         directory, name = posixpath.split(path)
-        key = key_name(name)
-        if key is not None:
-            key_path = posixpath.join(directory, key)
-            yield Pair(path, key_path if key_path in present else None)
+        names = key_names(name)
+        if names:
+            keys = [k for k in (posixpath.join(directory, n) for n in names) if k in present]
+            yield Pair(path, keys[0] if keys else None)
 
 
 def check(cert_pem: bytes, key_pem: bytes | None, now: datetime.datetime) -> str | None:
@@ -81,13 +96,17 @@ def check(cert_pem: bytes, key_pem: bytes | None, now: datetime.datetime) -> str
     for i, (cert, issuer) in enumerate(itertools.pairwise(chain)):
         try:
             cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, InvalidSignature):
             return f"chain out of order: certificate {i + 1} is not issued by certificate {i + 2}"
+        except TypeError as err:  # an algorithm cryptography will not verify (MD5...)
+            return f"certificate {i + 1}'s signature cannot be checked: {err}"
     if key_pem is None:
         return None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as err:
+    except TypeError:  # encrypted (nginx's ssl_password_file): its match cannot be checked
+        return None
+    except ValueError as err:
         return f"cannot parse the key: {str(err).splitlines()[0]}"
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     ours = key.public_key().public_bytes(serialization.Encoding.DER, spki)
@@ -99,15 +118,30 @@ def check(cert_pem: bytes, key_pem: bytes | None, now: datetime.datetime) -> str
 def refusals(
     files: Mapping[str, bytes], changed: Collection[str], now: datetime.datetime
 ) -> dict[str, str]:
-    """--verify-certs: for each pair a change touched, why it is refused ("cert + key": why)."""
+    """--verify-certs: for each pair a change touched, why it is refused ("cert + key": why).
+
+    Only pairs: a certificate file with no key beside it is a CA bundle or a
+    chain for others (150 unrelated roots are no chain), not something served."""
     found = {}
-    for pair in pairs(files):
-        if pair.cert not in changed and pair.key not in changed:
+    candidates = set()  # the certificates of the changed paths: O(changed), not O(files)
+    for path in changed:
+        directory, name = posixpath.split(path)
+        names = (name, *cert_names(name))  # a.pem may be a certificate, a-key.pem a key
+        candidates |= {p for p in (posixpath.join(directory, n) for n in names) if p in files}
+    for pair in pairs(candidates | {p for p in _keys_of(candidates) if p in files}):
+        if pair.key is None or pair.cert not in candidates:
             continue
         why = check(files[pair.cert], files[pair.key] if pair.key else None, now)
         if why is not None:
             found[f"{pair.cert} + {pair.key}" if pair.key else pair.cert] = why
     return found
+
+
+def _keys_of(cert_paths: Collection[str]) -> Iterator[str]:
+    for path in cert_paths:
+        directory, name = posixpath.split(path)
+        for key in key_names(name):
+            yield posixpath.join(directory, key)
 
 
 def not_after(value: bytes) -> float | None:

@@ -40,10 +40,10 @@ a; no "..", no leading ".."). Prints the revision of the transaction.
 
 status: the instances of etcd-config-dispenser --status-prefix=PREFIX that
 are alive, what each serves. wait: exit 0 once every live instance serves
-revision N or later (and, if it verifies with --verify-tls, its last
-verification passed), with at least K of them; else, after the timeout,
-exit 1 naming those behind. Publish, wait, and only then revoke the old
-certificate.
+revision N or later (and, if it verifies with --verify-tls, has verified
+it and passed), with at least K of them; else, after the timeout, exit 1
+naming those behind (3: etcd did not answer, retried until the timeout).
+Publish, wait, and only then revoke the old certificate.
 
 Options:
   -p, --prefix=PREFIX   etcd prefix, as given to the dispenser.
@@ -216,14 +216,18 @@ def rollout_command(args: dict[str, Any]) -> None:
         fail(str(err), 2)
     except ValueError as err:
         fail(f"--revision, --min-instances, --timeout: {err}", 2)
+    if (args["wait"] and revision < 1) or least < 1 or not timeout > 0:
+        fail("--revision and --min-instances must be at least 1, --timeout more than 0", 2)
+    if (args["wait"] and revision < 1) or least < 1 or not timeout > 0:
+        fail("--revision and --min-instances must be at least 1, --timeout more than 0", 2)
     source = EtcdSource(etcd, normalise_prefix(args["--status-prefix"]))
     try:
         if args["status"]:
             print(rollout.table(rollout.read(source)))
             return
         missing = rollout.wait(source, revision, least, timeout)
-    except Exception as err:
-        fail(f"cannot read the status keys: {err}", 1)
+    except Exception as err:  # etcd3 maps gRPC errors to its own classes; Unreadable
+        fail(f"cannot read the status keys: {err}", 3)
     finally:
         source.close()
     if missing:

@@ -53,6 +53,7 @@ class Stats:
     reload_failures: int = 0  # --verify-tls: changes the child did not serve
     reload_failed: str = ""  # why the last one was not, until one is
     reload_checked: int | None = None  # the revision --verify-tls looked at last
+    verifies: bool = False  # --verify-tls is on: a rollout waits for its verdict
     publisher_running: Callable[[], bool] = lambda: True
 
     def etcd_answered(self, reconnect: bool = False) -> None:

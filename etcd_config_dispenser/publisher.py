@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 from . import certs
 from .events import Ended, Event, FullRead
@@ -29,6 +30,7 @@ from .snapshot import Published, SnapshotWriter, max_key_path
 log = logging.getLogger(__name__)
 
 HOUR, DAY = 3600.0, 86400.0
+GATE_RECHECK = 5.0  # seconds between looks at a refused certificate, changes or not
 # After each change made live: (revision, every file, paths written, paths removed).
 Listener = Callable[[int, Mapping[str, bytes], list[str], list[str]], None]
 RETRY_FIRST, RETRY_MAX = 0.1, 10.0  # seconds between tries to write the target
@@ -45,6 +47,19 @@ def window_closes(first_at: float, last_at: float, quiet: float, most: float) ->
 def retry_delay(failures: int, most: float = RETRY_MAX) -> float:
     """Backoff between tries to write the target: doubling from RETRY_FIRST, capped."""
     return float(min(most, RETRY_FIRST * 2 ** max(0, failures - 1)))
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a snapshot must pass besides the key rules, and who hears of each one."""
+
+    selection: KeySelection | None = None  # --include, --exclude
+    required: Collection[str] = ()  # --require
+    listeners: Sequence[Listener] = ()  # --on-change, --status-prefix
+    verify_certs: bool = False
+    expiry_warning: float = 14 * DAY
+    verify_tls: Callable[[Mapping[str, bytes], int], str | None] | None = None
+    rollback_on_failure: bool = False
 
 
 class RequiredKeys:
@@ -83,10 +98,14 @@ class CertificateGate:
     def __init__(self, stats: Stats, clock: Callable[[], float] = time.time) -> None:
         self.stats = stats
         self.clock = clock
+        # While refused, look again now and then even without a change: a certificate
+        # that is not valid yet becomes valid by itself (monotonic, as the publisher's).
+        self.recheck_at: float | None = None
 
     def refuses(self, files: Mapping[str, bytes], changed: Collection[str], revision: int) -> bool:
         now = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
         found = certs.refusals(files, changed, now)
+        self.recheck_at = time.monotonic() + GATE_RECHECK if found else None
         if not found:
             self.stats.certificate_refused = ""
             return False
@@ -150,9 +169,16 @@ class ReloadProof:
         self.stats = stats
 
     def failed(self, files: Mapping[str, bytes], revision: int, result: Published) -> str | None:
-        """Why the child does not serve this change's certificates (logged), or None."""
+        """Why the child does not serve this change's certificates (logged), or None.
+
+        Checked when the change touched a certificate, and after any change while the
+        last check failed (a fix may be elsewhere: an include nginx reads). A change
+        that touches none is verified as it stands: ``wait`` counts it."""
         touched = set(result.written) | set(result.removed)
-        if not any(pair.cert in touched for pair in certs.pairs(touched)):
+        if not self.stats.reload_failed and not any(
+            pair.cert in touched for pair in certs.pairs(touched)
+        ):
+            self.stats.reload_checked = revision
             return None
         why = self.verify(files, revision)
         self.stats.reload_failed, self.stats.reload_checked = why or "", revision
@@ -177,13 +203,7 @@ class Publisher:
         wait: tuple[float, float] | None = None,
         check: Callable[[], tuple[int, str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        selection: KeySelection | None = None,
-        required: Collection[str] = (),
-        listeners: Sequence[Listener] = (),
-        verify_certs: bool = False,
-        expiry_warning: float = 14 * DAY,
-        verify_tls: Callable[[Mapping[str, bytes], int], str | None] | None = None,
-        rollback_on_failure: bool = False,
+        rules: Rules | None = None,
     ) -> None:
         self.writer = writer
         self.inbox = inbox
@@ -194,12 +214,14 @@ class Publisher:
         self.wait = wait  # (quiet, most) seconds, or None: publish every change at once
         self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
         self.clock = clock
-        self.keys = KeyIntake(prefix, max_key_path(writer.target), selection)
-        self.required = RequiredKeys(required, stats)  # --require: no snapshot without them
-        self.listeners = listeners  # told of each change made live: --on-change, status
-        self.gate = CertificateGate(stats) if verify_certs else None
-        self.expiry = Expiry(stats, expiry_warning)
-        self.proof = ReloadProof(verify_tls, rollback_on_failure, stats) if verify_tls else None
+        rules = rules or Rules()
+        self.keys = KeyIntake(prefix, max_key_path(writer.target), rules.selection)
+        self.required = RequiredKeys(rules.required, stats)  # no snapshot without them
+        self.listeners = rules.listeners  # told of each change made live: --on-change, status
+        self.gate = CertificateGate(stats) if rules.verify_certs else None
+        self.expiry = Expiry(stats, rules.expiry_warning)
+        verify, rollback = rules.verify_tls, rules.rollback_on_failure
+        self.proof = ReloadProof(verify, rollback, stats) if verify else None
         self._rejected: tuple[int, str] | None = None  # --check failed, not yet put back
         self.first_sync = threading.Event()  # a snapshot is live: the child may start
         self.done = threading.Event()  # the thread has ended
@@ -227,10 +249,11 @@ class Publisher:
         housekeeping_at: float | None = None
         expiry_at = self.clock() + HOUR  # a certificate nearing its end, changed or not
         while True:
-            deadlines = [t for t in (retry_at, housekeeping_at, expiry_at) if t is not None]
+            gate_at = self.gate.recheck_at if self.gate else None
+            waits = [t for t in (retry_at, housekeeping_at, expiry_at, gate_at) if t is not None]
             if window is not None and self.wait is not None:
-                deadlines.append(window_closes(*window, *self.wait))
-            timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else None
+                waits.append(window_closes(*window, *self.wait))
+            timeout = max(0.0, min(waits) - self.clock()) if waits else None
             events = take(self.inbox, timeout)
             ended = bool(events) and isinstance(events[-1], Ended)
             for event in events:
@@ -291,8 +314,6 @@ class Publisher:
             if due and self.inbox.empty():
                 housekeeping_at = self.writer.maintain()
 
-    # -- one snapshot -------------------------------------------------------
-
     def _publish(self, revision: int, changed: set[str]) -> None:
         """Make the tree live; --check it; signal the child. Raises SnapshotError."""
         first = not self.first_sync.is_set()
@@ -321,7 +342,7 @@ class Publisher:
             if code != 0:
                 self.stats.check_failures += 1
                 tail = output_tail(output) or "no output"
-                self._rejected = (revision, f"exit code {code}: {tail}")
+                self._rejected = (revision, f"--check failed with exit code {code}: {tail}")
                 self._reject(*self._rejected, first)
                 return
         self.stats.served(revision, result.name, len(self.keys.tree.files) - len(result.failed))
@@ -348,7 +369,7 @@ class Publisher:
         if why is None or not self.proof or not self.proof.rollback:
             return False
         self._rejected = (revision, why)
-        self._reject(revision, why, first=False)
+        self._reject(revision, why, first=False, again=True)
         self._signal(revision)
         return True
 
@@ -363,19 +384,24 @@ class Publisher:
                 extra=fields("signalled", revision=revision, signal=sent[0], pid=sent[1]),
             )
 
-    def _reject(self, revision: int, why: str, first: bool) -> None:
-        """--check failed: put the previous snapshot back, no signal; the writer owes the
+    def _reject(self, revision: int, why: str, first: bool, again: bool = False) -> None:
+        """--check failed (or, ``again``, --verify-tls): put the previous snapshot back,
+        no signal (``again``: the child is signalled again, after); the writer owes the
         rejected paths to the next change. If even that fails (SnapshotError), the next
         try puts it back before anything else: a rejected change never stays live."""
         previous = self.writer.rollback()
         self._rejected = None
         log.error(
-            "r%d: check failed with %s; %r is live again, no signal",
+            "r%d: %s; %r is live again%s",
             revision,
             why,
             previous,
-            extra=fields("check_failed", revision=revision, error=why),
+            "; signalling the child again" if again else ", no signal",
+            extra=fields("rolled_back", revision=revision, error=why),
         )
+        live = self.writer.ledger.live
+        if live is not None and not first:  # what is served is the previous revision again
+            self.stats.served(live.revision, previous)
         if first:  # the child starts (or runs on), with the snapshot that was put back
             self.first_rejected = True
             self.stats.stale_since = None  # etcd answered: what is served is a refusal now

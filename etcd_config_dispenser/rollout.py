@@ -17,6 +17,10 @@ from .source import EtcdSource, range_end
 POLL = 0.25  # seconds between reads while waiting
 
 
+class Unreadable(Exception):
+    """etcd did not answer until the deadline."""
+
+
 def read(source: EtcdSource) -> list[dict[str, Any]]:
     """Every live instance's status (keys whose lease ran out are gone already)."""
     client = source.connected_client()
@@ -35,11 +39,14 @@ def laggards(statuses: list[dict[str, Any]], revision: int, min_instances: int) 
     """Why the rollout of ``revision`` is not done yet: one entry per reason; [] if done."""
     behind = []
     for status in statuses:
-        served = status.get("revision")
+        served, name = status.get("revision"), status["instance"]
+        checked = status.get("verified_revision")
         if not isinstance(served, int) or served < revision:
-            behind.append(f"{status['instance']} serves r{served}")
+            behind.append(f"{name} serves r{served}")
         elif status.get("verified") not in (None, "ok"):
-            behind.append(f"{status['instance']}: {status['verified']}")
+            behind.append(f"{name}: {status['verified']}")
+        elif status.get("verifies") and (not isinstance(checked, int) or checked < revision):
+            behind.append(f"{name} has not verified r{revision} yet")
     if len(statuses) < min_instances:
         behind.append(f"{len(statuses)} live instances of at least {min_instances}")
     return behind
@@ -55,7 +62,14 @@ def wait(
     """Until the rollout is done ([]) or ``timeout`` passed (what is still missing)."""
     deadline = clock() + timeout
     while True:
-        missing = laggards(read(source), revision, min_instances)
+        try:
+            missing = laggards(read(source), revision, min_instances)
+        except Exception as err:
+            source.close()
+            if clock() >= deadline:
+                raise Unreadable(str(err)) from None
+            time.sleep(1.0)
+            continue
         if not missing or clock() >= deadline:
             return missing
         time.sleep(POLL)

@@ -60,6 +60,7 @@ def status_of(instance: str, stats: Stats, digest: str) -> dict[str, Any]:
         "revision": stats.revision if stats.first_sync else None,
         "files_sha256": digest,
         "served_at": stats.last_sync or None,
+        "verifies": stats.verifies,
         "verified": None if stats.reload_checked is None else (stats.reload_failed or "ok"),
         "verified_revision": stats.reload_checked,
         "earliest_expiry": expiry,
@@ -105,8 +106,13 @@ class StatusReporter:
                     refreshed = list(client.refresh_lease(lease.id))
                     if not refreshed or refreshed[0].TTL <= 0:  # expired meanwhile: anew
                         lease, written = client.lease(LEASE_TTL), ""
-                text = json.dumps(status_of(self.instance, self.stats, self.digest.hexdigest()))
-                if text != written:
+                text = self._text()
+                if text != written or client.get(self.key)[0] != text.encode():
+                    # (read back too: another instance by the same name may have
+                    # deleted it, or written its own; the names must differ: logged)
+                    if written and text == written:
+                        why = "changed by someone else: another instance of this name?"
+                        log.warning("status: %s was %s", show(self.key), why)
                     client.put(self.key, text, lease=lease)
                     written = text
                 if failing:
@@ -119,11 +125,14 @@ class StatusReporter:
                 self.source.close()
             self._pause(1.0 if failing else REFRESH_EVERY)
 
+    def _text(self) -> str:
+        return json.dumps(status_of(self.instance, self.stats, self.digest.hexdigest()))
+
     def _pause(self, most: float) -> None:
         """Until the lease needs a keep-alive, or sooner when the status changed: a
         rollout is waiting for it."""
         deadline = time.monotonic() + most
-        seen = (self.stats.revision, self.stats.reload_checked, self.stats.reload_failed)
+        seen = self._text()
         while not self._stop.wait(0.05) and time.monotonic() < deadline:
-            if (self.stats.revision, self.stats.reload_checked, self.stats.reload_failed) != seen:
+            if self._text() != seen:
                 return

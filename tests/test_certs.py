@@ -4,6 +4,8 @@ then --verify-certs and the expiry metrics against a real etcd and a real nginx.
 from __future__ import annotations
 
 import datetime
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from helpers import (
     DispenserProcess,
+    EtcdServer,
     busy_wait,
     free_port,
     http_get,
@@ -117,6 +120,23 @@ def test_pairs_follow_the_naming_rules() -> None:
     assert not any(c == "notes.txt" for c, _ in found)
 
 
+def test_bundles_without_a_key_encrypted_keys_and_mkcert_names(pki: dict[str, bytes]) -> None:
+    """A CA bundle (unrelated roots) is no chain; an encrypted key (nginx's
+    ssl_password_file) cannot be matched, so only the certificate is checked; mkcert
+    names its key NAME-key.pem beside NAME.pem."""
+    bundle = pki["ca"] + pki["expired"]  # not a chain, and one of them expired
+    assert certs.refusals({"ca.pem": bundle}, {"ca.pem"}, NOW) == {}
+    leaf_key = serialization.load_pem_private_key(pki["key"], None)
+    encrypted = leaf_key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(b"pw"))  # fmt: skip
+    assert certs.check(pki["leaf"], encrypted, NOW) is None
+    assert certs.check(pki["expired"], encrypted, NOW) is not None
+    files = {"example.com.pem": pki["leaf"], "example.com-key.pem": pki["other key"]}
+    assert "example.com.pem + example.com-key.pem" in certs.refusals(files, {"example.com.pem"},
+                                                                       NOW)  # fmt: skip
+
+
 def test_only_pairs_a_change_touched_are_checked(pki: dict[str, bytes]) -> None:
     files = {"a-fullchain.pem": pki["leaf"], "a-key.pem": pki["other key"], "b.crt": pki["leaf"],
              "b.key": pki["key"]}  # fmt: skip
@@ -185,25 +205,37 @@ def nginx_with_include(workdir: Path, port: int, target: Path) -> Path:
 @pytest.mark.integration
 @pytest.mark.parametrize("rollback", [False, True])
 def test_verify_tls_sees_a_reload_that_did_not_take(
-    etcd: object, prefix: str, target: Path, tmp_path: Path, dispenser: Start, rollback: bool
-) -> None:
+    etcd_server: EtcdServer, etcd: object, prefix: str, target: Path, tmp_path: Path,
+    dispenser: Start, rollback: bool,
+) -> None:  # fmt: skip
     first, second, third = (make_cert(n, tmp_path) for n in ("first", "second", "third"))
     names = ("example.com-fullchain.pem", "example.com-key.pem")
 
-    def put(pair: tuple[bytes, bytes], extra: bytes) -> None:
-        files = {**dict(zip(names, pair, strict=True)), "extra.conf": extra}
+    def put(pair: tuple[bytes, bytes] | None, extra: bytes) -> int:
+        files = {**(dict(zip(names, pair, strict=True)) if pair else {}), "extra.conf": extra}
         txn_put(etcd, prefix, files)  # type: ignore[arg-type]
+        return int(etcd.get_response(prefix + "extra.conf").header.revision)  # type: ignore[attr-defined]
 
-    put(first, b"# fine\n")
+    served = put(first, b"# fine\n")
     port, health = free_port(), free_port()
     workdir = tmp_path / "nginx"
     conf = nginx_with_include(workdir, port, target)
+    status_prefix = "/status" + prefix
     flags = [f"--verify-tls=127.0.0.1:{port},example.com", "--verify-tls-timeout=2",
-             f"--health-addr=127.0.0.1:{health}"]  # fmt: skip
+             f"--health-addr=127.0.0.1:{health}", f"--status-prefix={status_prefix}"]  # fmt: skip
     flags += ["--rollback-on-failure"] if rollback else []
     proc = dispenser(*flags, command=nginx_command(workdir, conf))
     busy_wait(lambda: same_cert(served_cert(port), first[0]), timeout=20)
-    put(second, b"this is not nginx configuration;\n")  # the reload fails on it
+    served = int(metric(metrics(health), "revision"))
+    broken = put(second, b"this is not nginx configuration;\n")  # the reload fails on it
+    # A rollout pipeline asking at once must not hear "done" before the verification.
+    waited = subprocess.run(
+        [sys.executable, "-c", "from etcd_config_dispenser.ctl import main; main()", "wait",
+         f"--status-prefix={status_prefix}", f"--revision={broken}", "--timeout=5"],
+        capture_output=True, text=True, timeout=60,
+        env={"ETCD_ENDPOINTS": etcd_server.endpoint, "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert waited.returncode == 1, waited.stdout + waited.stderr
     busy_wait(lambda: "the reload did not take" in proc.log(), timeout=30)
     assert f"127.0.0.1:{port} (example.com) still serves 'CN=first' serial 0x" in proc.log()
     assert same_cert(served_cert(port), first[0])
@@ -214,9 +246,27 @@ def test_verify_tls_sees_a_reload_that_did_not_take(
         busy_wait(lambda: (target / names[0]).read_bytes() == first[0], timeout=20)
         assert (target / "extra.conf").read_bytes() == b"# fine\n"
         busy_wait(lambda: (workdir / "error.log").read_text().count("SIGHUP") == 2, timeout=20)
-    else:
-        assert (target / names[0]).read_bytes() == second[0]  # on disk, not served
-    put(third, b"# fixed\n")
-    busy_wait(lambda: same_cert(served_cert(port), third[0]), timeout=20)
+        assert metric(metrics(health), "revision") == served  # what is served, again
+        put(third, b"# fixed\n")
+        busy_wait(lambda: same_cert(served_cert(port), third[0]), timeout=20)
+    else:  # on disk, not served; a fix elsewhere (the include alone) is verified too
+        assert (target / names[0]).read_bytes() == second[0]
+        put(None, b"# fixed\n")
+        busy_wait(lambda: same_cert(served_cert(port), second[0]), timeout=20)
     busy_wait(lambda: "(example.com-fullchain.pem): the reload took" in proc.log(), timeout=20)
     busy_wait(lambda: http_get(health, "/healthz")[0] == 200, timeout=20)
+
+
+@pytest.mark.integration
+def test_a_certificate_not_valid_yet_goes_live_when_it_is_without_another_change(
+    etcd: object, prefix: str, target: Path, dispenser: Start
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
+    cert = pem(issue("soon.example", key, start=start))
+    txn_put(etcd, prefix, {"tls.crt": cert, "tls.key": key_pem(key)})  # type: ignore[arg-type]
+    proc = dispenser("--verify-certs")
+    busy_wait(lambda: "not valid before" in proc.log(), timeout=20)
+    assert not (target / "..data").exists()
+    busy_wait(lambda: (target / "tls.crt").exists(), timeout=20)  # no etcd change since
+    assert (target / "tls.crt").read_bytes() == cert

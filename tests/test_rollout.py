@@ -37,6 +37,12 @@ def test_laggards_on_plain_data() -> None:
     assert laggards([a, b], 42, 1) == ["b serves r41"]
     assert laggards([a, c], 42, 1) == ["c: the reload did not take: ..."]
     assert laggards([a], 42, 2) == ["1 live instances of at least 2"]
+    # An instance that verifies counts once it has verified that revision (a reload
+    # that fails is found seconds after the revision is served).
+    d = {"instance": "d", "revision": 42, "verifies": True, "verified": "ok",
+         "verified_revision": 41}  # fmt: skip
+    assert laggards([d], 42, 1) == ["d has not verified r42 yet"]
+    assert laggards([{**d, "verified_revision": 42}], 42, 1) == []
 
 
 @settings(max_examples=200, deadline=None)
