@@ -4,6 +4,7 @@ then --verify-certs and the expiry metrics against a real etcd and a real nginx.
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -233,7 +234,7 @@ def test_verify_tls_sees_a_reload_that_did_not_take(
         [sys.executable, "-c", "from etcd_config_dispenser.ctl import main; main()", "wait",
          f"--status-prefix={status_prefix}", f"--revision={broken}", "--timeout=5"],
         capture_output=True, text=True, timeout=60,
-        env={"ETCD_ENDPOINTS": etcd_server.endpoint, "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "ETCD_ENDPOINTS": etcd_server.endpoint},
     )  # fmt: skip
     assert waited.returncode == 1, waited.stdout + waited.stderr
     busy_wait(lambda: "the reload did not take" in proc.log(), timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ def ctl(server: EtcdServer, *args: str, stdin: bytes = b"") -> subprocess.Comple
     return subprocess.run(
         [sys.executable, "-c", "from etcd_config_dispenser.ctl import main; main()", *args],
         input=stdin.decode(), capture_output=True, text=True, timeout=30,
-        env={"ETCD_ENDPOINTS": server.endpoint, "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "ETCD_ENDPOINTS": server.endpoint},
     )  # fmt: skip
 
 
@@ -173,7 +174,7 @@ def test_the_next_endpoint_is_tried_when_one_does_not_answer(
         [sys.executable, "-c", "from etcd_config_dispenser.ctl import main; main()",
          "put", "-p", prefix, f"a={tmp_path / 'F'}"],
         capture_output=True, text=True, timeout=30,
-        env={"ETCD_ENDPOINTS": f"{dead.endpoint},{etcd_server.endpoint}", "PATH": "/usr/bin"},
+        env={**os.environ, "ETCD_ENDPOINTS": f"{dead.endpoint},{etcd_server.endpoint}"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert under(etcd, prefix)["a"][0] == b"x"

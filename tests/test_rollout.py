@@ -25,7 +25,7 @@ def ctl(server: EtcdServer, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", "from etcd_config_dispenser.ctl import main; main()", *args],
         capture_output=True, text=True, timeout=60,
-        env={"ETCD_ENDPOINTS": server.endpoint, "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "ETCD_ENDPOINTS": server.endpoint},
     )  # fmt: skip
 
 
