@@ -139,6 +139,7 @@ from .keys import InvalidKey, key_to_relpath, normalise_prefix
 from .logs import setup_logging
 from .options import Options
 from .rules import FileRule, KeySelection
+from .snapshot import max_key_path
 from .tlsverify import Address
 from .tlsverify import parse_address as parse_address_sni
 
@@ -328,7 +329,9 @@ def parse_file_rule(text: str) -> FileRule:
     return FileRule(glob, mode, uid, gid)
 
 
-def parse_required(keys: list[str], prefix: bytes, selection: KeySelection) -> tuple[str, ...]:
+def parse_required(
+    keys: list[str], prefix: bytes, selection: KeySelection, max_path: int
+) -> tuple[str, ...]:
     """--require: keys relative to the prefix (the full key is accepted too), which the
     key rules and --include/--exclude must let through, or they could never arrive."""
     required = []
@@ -336,7 +339,7 @@ def parse_required(keys: list[str], prefix: bytes, selection: KeySelection) -> t
         raw = key.encode("utf-8", "surrogateescape")
         full = raw if raw.startswith(prefix) else prefix + raw.lstrip(b"/")
         try:
-            rel = key_to_relpath(full, prefix)
+            rel = key_to_relpath(full, prefix, max_path)  # as the intake will judge it
         except InvalidKey as err:
             raise UsageError(f"--require: {key!r} {err}") from None
         if not selection.takes(rel):
@@ -453,7 +456,9 @@ def _parse(argv: list[str]) -> Options:
     return Options(
         selection=selection,
         file_rules=tuple(parse_file_rule(rule) for rule in args["--file-mode"]),
-        require=parse_required(args["--require"], prefix, selection),
+        require=parse_required(
+            args["--require"], prefix, selection, max_key_path(Path(args["--target"]).absolute())
+        ),
         on_change=args["--on-change"],
         on_change_timeout=parse_positive(args["--on-change-timeout"], "--on-change-timeout"),
         stale_start=(

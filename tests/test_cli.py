@@ -275,3 +275,12 @@ def test_every_default_in_the_manual_is_parsed() -> None:
             flag = re.search(r"--[\w-]+", block)
             assert flag is not None
             assert args[flag.group()] == default.group(1), block
+
+
+def test_a_required_key_too_long_for_this_target_is_refused_at_once() -> None:
+    """The intake lowers the path limit by the target's length: a --require that it
+    would refuse could never arrive, and the child would wait forever."""
+    long_key = "/".join(["k" * 200] * 6)  # 1,205 bytes: fine under /t, not under 3,000 t's
+    assert parse_args(["-p", "/x", "-t", "/t", f"--require={long_key}"]).require == (long_key,)
+    with pytest.raises(UsageError, match=r"--require: .* is longer than"):
+        parse_args(["-p", "/x", "-t", "/" + "t" * 3000, f"--require={long_key}"])
