@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import signal
+import threading
 from collections.abc import Mapping
 
 from . import health
@@ -88,6 +89,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     env = child_environ(os.environ)
     supervisor = Supervisor(options.command, env, options.kill_timeout)
     inbox: queue.Queue[Event] = queue.Queue()
+    stopping = threading.Event()  # set on the way out: a --check still running is killed
     session = EtcdSession(EtcdSource(etcd, options.prefix), inbox, stats, options.backoff_max)
     hook: OnChange | None = None
     if options.on_change:
@@ -120,7 +122,11 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         stats=stats,
         once=options.once,
         wait=options.wait,
-        check=(lambda: run_check(check, env, supervisor)) if (check := options.check) else None,
+        check=(
+            (lambda: run_check(check, env, supervisor, cancel=stopping))
+            if (check := options.check)
+            else None
+        ),
         rules=Rules(
             selection=options.selection,
             required=options.require,
@@ -173,6 +179,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
         # Forward signals and reap until the child exits.
         return supervisor.supervise(publisher.done)
     finally:
+        stopping.set()
         notifier.stopping()
         session.stop()
         inbox.put(Ended())

@@ -9,8 +9,9 @@ tools that write certificates into etcd:
 - Kubernetes TLS secrets: ``tls.crt`` with ``tls.key``;
 - by extension: ``NAME.crt`` or ``NAME.pem`` with ``NAME.key``.
 
-A certificate with no key beside it is still checked for dates and chain
-order; a key with no certificate is not looked at.
+Only pairs are checked: a certificate file with no key beside it is a CA
+bundle or a chain for others, not something served; a key with no
+certificate is not looked at either.
 """
 
 from __future__ import annotations
@@ -131,9 +132,12 @@ def refusals(
     for pair in pairs(candidates | {p for p in _keys_of(candidates) if p in files}):
         if pair.key is None or pair.cert not in candidates:
             continue
-        why = check(files[pair.cert], files[pair.key] if pair.key else None, now)
+        try:
+            why = check(files[pair.cert], files[pair.key], now)
+        except Exception as err:  # cryptography's UnsupportedAlgorithm and the like
+            why = f"cannot check it: {err}"
         if why is not None:
-            found[f"{pair.cert} + {pair.key}" if pair.key else pair.cert] = why
+            found[f"{pair.cert} + {pair.key}"] = why
     return found
 
 
@@ -152,7 +156,7 @@ def not_after(value: bytes) -> float | None:
 
     try:
         return x509.load_pem_x509_certificates(value)[0].not_valid_after_utc.timestamp()
-    except ValueError:
+    except Exception:  # whatever is in etcd must not stop delivery
         return None
 
 
@@ -165,7 +169,7 @@ def leaf_der(value: bytes) -> bytes | None:
 
     try:
         return x509.load_pem_x509_certificates(value)[0].public_bytes(Encoding.DER)
-    except ValueError:
+    except Exception:  # whatever is in etcd must not stop delivery
         return None
 
 
@@ -175,6 +179,6 @@ def describe(der: bytes) -> str:
 
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError:
+    except Exception:  # what a server sends must not stop delivery either
         return "a certificate that cannot be parsed"
     return f"{cert.subject.rfc4514_string()!r} serial {cert.serial_number:#x}"

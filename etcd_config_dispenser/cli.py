@@ -97,7 +97,7 @@ Options:
 Every option can also be set in the environment: DISPENSER_ and its name
 in capitals, "_" for "-" (DISPENSER_PREFIX, DISPENSER_KILL_TIMEOUT,
 DISPENSER_ONCE=true); a repeatable one takes values separated by commas
-(DISPENSER_EXCLUDE=production-account,*.bak).
+(DISPENSER_EXCLUDE=production-account,*.bak), DISPENSER_VERIFY_TLS by ";".
 A flag on the command line wins.
 
 Environment (each NAME also as NAME_FILE, read from that file; none of
@@ -402,7 +402,8 @@ def _with_environment(
             continue
         origin[long] = env_name(long)
         if long in REPEATABLE:
-            added += [f"{long}={item}" for item in value.split(",") if item]
+            separator = ";" if long == "--verify-tls" else ","  # its values hold a comma
+            added += [f"{long}={item}" for item in value.split(separator) if item]
         elif takes_value:
             added.append(f"{long}={value}")
         elif value.strip().lower() in TRUE_WORDS:
@@ -444,6 +445,9 @@ def _parse(argv: list[str]) -> Options:
         raise UsageError("--target: must not be empty")
     if args["--once"] and args["CMD"]:
         raise UsageError("--once: takes no command")
+    if args["--verify-tls"] and not args["CMD"]:
+        raise UsageError("--verify-tls: needs a child (CMD) to signal; a sidecar's reload is "
+                         "its --on-change hook's, which it cannot wait for")  # fmt: skip
     if args["--rollback-on-failure"] and not args["--verify-tls"]:
         raise UsageError("--rollback-on-failure: needs --verify-tls (what failure?)")
     if args["--once"] and args["--on-change"] is not None:

@@ -218,8 +218,6 @@ def rollout_command(args: dict[str, Any]) -> None:
         fail(f"--revision, --min-instances, --timeout: {err}", 2)
     if (args["wait"] and revision < 1) or least < 1 or not timeout > 0:
         fail("--revision and --min-instances must be at least 1, --timeout more than 0", 2)
-    if (args["wait"] and revision < 1) or least < 1 or not timeout > 0:
-        fail("--revision and --min-instances must be at least 1, --timeout more than 0", 2)
     source = EtcdSource(etcd, normalise_prefix(args["--status-prefix"]))
     try:
         if args["status"]:

@@ -76,6 +76,10 @@ class Stats:
 
     def served(self, revision: int, name: str | None, files: int | None = None) -> None:
         """A snapshot is live (``files`` given: a new one)."""
+        if self.verifies and not self.reload_failed and (files is None or not self.first_sync):
+            # --verify-tls has nothing to look at: no file changed, or the child starts
+            # with these files; a rollout waiting for this revision may count it.
+            self.reload_checked = revision
         self.revision = revision
         self.serving = name
         if files is not None:

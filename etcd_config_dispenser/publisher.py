@@ -133,13 +133,15 @@ class Expiry:
         self.warned: dict[str, float] = {}  # path -> when it was last warned about
 
     def update(self, files: Mapping[str, bytes], changed: Collection[str]) -> None:
+        not_after = dict(self.stats.not_after)  # replaced whole: other threads iterate it
         for path in changed:
             when = certs.not_after(files[path]) if path in files else None
             if when is None:
-                self.stats.not_after.pop(path, None)
+                not_after.pop(path, None)
             else:
-                self.stats.not_after[path] = when
+                not_after[path] = when
                 self.warned.pop(path, None)
+        self.stats.not_after = not_after
         self.warn()
 
     def warn(self) -> None:

@@ -66,6 +66,7 @@ def wait(
             missing = laggards(read(source), revision, min_instances)
         except Exception as err:
             source.close()
+            source.skip_endpoint()
             if clock() >= deadline:
                 raise Unreadable(str(err)) from None
             time.sleep(1.0)

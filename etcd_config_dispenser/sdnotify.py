@@ -6,8 +6,9 @@ goes out once the first snapshot is live and the child started, so units
 ordered ``After=`` this one find their files. STATUS= is /healthz's reason
 ("ok: r42", "etcd unavailable, serving r42: ..."), sent when it changes, so
 ``systemctl status`` shows it. With ``WatchdogSec=``, WATCHDOG=1 is sent at
-half the interval while the publisher runs: a hung publisher gets the unit
-restarted. Nothing is sent, and nothing fails, without $NOTIFY_SOCKET.
+half the interval while the publisher thread is alive: a publisher that
+died (or a process that hangs whole) gets the unit restarted. Nothing is
+sent, and nothing fails, without $NOTIFY_SOCKET.
 """
 
 from __future__ import annotations

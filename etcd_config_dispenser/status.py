@@ -80,18 +80,18 @@ class StatusReporter:
         self.stats = stats
         self.digest = digest
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="status", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="status", daemon=True)
+        self._thread.start()
 
-    def stop(self) -> None:
-        """Delete our key at once (not only when the lease runs out): a clean stop."""
+    def stop(self, wait: float = 3.0) -> None:
+        """A clean stop: the thread deletes the key and revokes its lease (not only when
+        the lease runs out), from the thread itself, so no put of its can come after."""
         self._stop.set()
-        try:
-            self.source.connected_client().delete(self.key)
-        except Exception as err:
-            log.debug("status: could not delete %r: %s", self.key, err)
-        self.source.close()
+        if self._thread is not None:
+            self._thread.join(wait)
 
     def _run(self) -> None:
         lease: Any = None
@@ -116,14 +116,27 @@ class StatusReporter:
                     client.put(self.key, text, lease=lease)
                     written = text
                 if failing:
-                    log.info("status: %r written again", self.key.decode(errors="replace"))
+                    log.info("status: %s written again", show(self.key))
                 failing = False
-            except Exception as err:
+                self._pause(REFRESH_EVERY)
+            except Exception as err:  # any failure, etcd's or ours: the thread goes on
                 if not failing:
                     log.warning("status: cannot write %s: %s", show(self.key), err)
                 failing, lease = True, None
                 self.source.close()
-            self._pause(1.0 if failing else REFRESH_EVERY)
+                self.source.skip_endpoint()  # as the session does: the next one next
+                self._stop.wait(1.0)
+        self._withdraw(lease)
+
+    def _withdraw(self, lease: Any) -> None:
+        try:
+            if lease is not None:
+                lease.revoke()  # the key goes with it
+            else:
+                self.source.connected_client().delete(self.key)
+        except Exception as err:  # etcd gone: the lease runs out instead
+            log.debug("status: could not withdraw %s: %s", show(self.key), err)
+        self.source.close()
 
     def _text(self) -> str:
         return json.dumps(status_of(self.instance, self.stats, self.digest.hexdigest()))

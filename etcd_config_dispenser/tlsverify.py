@@ -43,6 +43,10 @@ def parse_address(text: str) -> Address:
     host, sep, port = where.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT[,SNI]")
+    try:
+        sni.encode("idna")  # what ssl will do with it, at the first change otherwise
+    except UnicodeError:
+        raise ValueError(f"{text!r}: {sni!r} is not a host name") from None
     return Address(host.strip("[]"), int(port), sni or None)
 
 
@@ -55,7 +59,7 @@ def served_leaf(address: Address, timeout: float) -> bytes | None:
         sock = socket.create_connection((address.host, address.port), timeout=timeout)
         with sock, context.wrap_socket(sock, server_hostname=address.sni) as tls:
             return tls.getpeercert(binary_form=True)
-    except (OSError, ssl.SSLError):
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
         return None
 
 

@@ -271,3 +271,16 @@ def test_a_certificate_not_valid_yet_goes_live_when_it_is_without_another_change
     assert not (target / "..data").exists()
     busy_wait(lambda: (target / "tls.crt").exists(), timeout=20)  # no etcd change since
     assert (target / "tls.crt").read_bytes() == cert
+
+
+def test_a_key_cryptography_cannot_handle_is_a_refusal_not_a_crash(
+    pki: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Whoever writes to etcd must not be able to stop delivery (and the child with it)."""
+    made = subprocess.run(["openssl", "ecparam", "-name", "secp112r1", "-genkey", "-noout",
+                           "-out", str(tmp_path / "k.pem")], capture_output=True)  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip("this openssl cannot make a secp112r1 key")
+    files = {"a.crt": pki["leaf"], "a.key": (tmp_path / "k.pem").read_bytes()}
+    found = certs.refusals(files, {"a.key"}, NOW)
+    assert found["a.crt + a.key"].startswith("cannot check it: "), found

@@ -135,7 +135,9 @@ def test_bad_values_name_the_flag(args: list[str], flag: str) -> None:
         (["-p", "/x", "-t", "o", "--stale-start="], "--stale-start: must not be empty"),
         (["-p", "/x", "-t", "o", "--once", "--timeout=0"], "--timeout: must be more than 0"),
         (["-p", "/x", "-t", "o", "--once", "--on-change=x"], "--once: takes no --on-change"),
-        (["-p", "/x", "-t", "o", "--verify-tls=nohost"], "--verify-tls: 'nohost' is not HOST:PORT"),
+        (["-p", "/x", "-t", "o", "--verify-tls=nohost", "nginx"], "'nohost' is not HOST:PORT"),
+        (["-p", "/x", "-t", "o", "--verify-tls=h:1,.bad", "nginx"], "'.bad' is not a host name"),
+        (["-p", "/x", "-t", "o", "--verify-tls=h:1"], "--verify-tls: needs a child (CMD)"),
         (["-p", "/x", "-t", "o", "--rollback-on-failure"], "needs --verify-tls"),
         (["-p", "/x", "-t", "o", "--expiry-warning=soon"], "--expiry-warning: 'soon'"),
     ],
@@ -258,6 +260,15 @@ def test_repeatable_flags_from_the_environment_are_comma_separated() -> None:
     assert options.selection.exclude == ("production-account", "*.bak")
     assert options.require == ("a",)
     assert options.file_rules[0].mode == 0o600
+
+
+def test_verify_tls_from_the_environment_is_separated_by_semicolons() -> None:
+    options = parse_args(
+        ["-p", "/x", "-t", "o", "nginx"],
+        {"DISPENSER_VERIFY_TLS": "127.0.0.1:443,example.com;127.0.0.1:443,example.org"},
+    )
+    assert [(a.port, a.sni) for a in options.verify_tls] == [
+        (443, "example.com"), (443, "example.org")]  # fmt: skip
 
 
 def test_every_default_in_the_manual_is_parsed() -> None:

@@ -45,6 +45,23 @@ def test_laggards_on_plain_data() -> None:
     assert laggards([{**d, "verified_revision": 42}], 42, 1) == []
 
 
+def test_a_revision_with_nothing_to_verify_counts_as_verified() -> None:
+    """The first snapshot (the child starts with it) and a change that wrote no file
+    leave --verify-tls nothing to look at: wait must not hang on them."""
+    from etcd_config_dispenser.health import Stats
+
+    stats = Stats(verifies=True)
+    stats.served(5, "s5", files=3)  # the first snapshot
+    assert stats.reload_checked == 5
+    stats.served(6, "s6", files=3)  # a change: its verification is still to come
+    assert stats.reload_checked == 5
+    stats.served(7, "s6")  # no file changed
+    assert stats.reload_checked == 7
+    stats.reload_failed = "the reload did not take"
+    stats.served(8, "s6")
+    assert stats.reload_checked == 7  # a failure stands until a verification passes
+
+
 @settings(max_examples=200, deadline=None)
 @given(steps=st.lists(st.dictionaries(st.sampled_from("abcdef"), st.one_of(st.none(),
        st.binary(max_size=3)), max_size=4), max_size=8))  # fmt: skip
