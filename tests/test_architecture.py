@@ -7,6 +7,7 @@ function-level one too) is seen.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import etcd_config_dispenser
@@ -149,3 +150,12 @@ def test_no_class_too_long_to_read_in_one_sitting() -> None:
         and node.end_lineno - node.lineno + 1 > CLASS_LINES_MAX
     ]
     assert long == []
+
+
+def test_the_readme_layout_table_is_the_layer_order() -> None:
+    """README's table says each module imports only those before it: so its order is
+    LAYERS' order, every module in it."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("| module | concern |") :].split("\n\n", 1)[0]
+    listed = re.findall(r"^\| `(\w+)\.py` \|", table, re.M)
+    assert listed == [name for name in LAYERS if name not in ("__init__", "__main__")]
