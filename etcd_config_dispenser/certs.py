@@ -60,11 +60,12 @@ def cert_names(key_name: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def pairs(paths: Collection[str]) -> Iterator[Pair]:
-    """Every file whose name says certificate, with its key if the key is there. Only
-    names are looked at; whether it holds a certificate is the gate's business."""
-    present = set(paths)
-    for path in sorted(present):
+def pairs(paths: Collection[str], present: Collection[str] | None = None) -> Iterator[Pair]:
+    """Every file of ``paths`` whose name says certificate, with its key if the key is
+    among ``present`` (default: ``paths``). Only names are looked at; whether it holds a
+    certificate is the gate's business."""
+    present = set(paths if present is None else present)
+    for path in sorted(paths):
         directory, name = posixpath.split(path)
         names = key_names(name)
         if names:
@@ -129,8 +130,8 @@ def refusals(
         directory, name = posixpath.split(path)
         names = (name, *cert_names(name))  # a.pem may be a certificate, a-key.pem a key
         candidates |= {p for p in (posixpath.join(directory, n) for n in names) if p in files}
-    for pair in pairs(candidates | {p for p in _keys_of(candidates) if p in files}):
-        if pair.key is None or pair.cert not in candidates:
+    for pair in pairs(candidates, files):
+        if pair.key is None:
             continue
         try:
             why = check(files[pair.cert], files[pair.key], now)
@@ -139,13 +140,6 @@ def refusals(
         if why is not None:
             found[f"{pair.cert} + {pair.key}"] = why
     return found
-
-
-def _keys_of(cert_paths: Collection[str]) -> Iterator[str]:
-    for path in cert_paths:
-        directory, name = posixpath.split(path)
-        for key in key_names(name):
-            yield posixpath.join(directory, key)
 
 
 def not_after(value: bytes) -> float | None:

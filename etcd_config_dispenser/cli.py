@@ -140,7 +140,7 @@ from .logs import setup_logging
 from .options import Options
 from .rules import FileRule, KeySelection
 from .snapshot import max_key_path
-from .tlsverify import Address
+from .tlsverify import Address, split_host_port
 from .tlsverify import parse_address as parse_address_sni
 
 log = logging.getLogger("etcd_config_dispenser")
@@ -305,10 +305,10 @@ def parse_address(text: str | None) -> tuple[str, int] | None:
     """'HOST:PORT' (or ':PORT' for every address)."""
     if text is None:
         return None
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--health-addr: {text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        return split_host_port(text)
+    except ValueError as err:
+        raise UsageError(f"--health-addr: {err}") from None
 
 
 def parse_file_rule(text: str) -> FileRule:

@@ -19,6 +19,7 @@ import grpc
 from docopt import DocoptExit, docopt
 
 from . import __version__, config, rollout
+from .cli import UsageError
 from .keys import InvalidKey, KeyTree, key_to_relpath, normalise_prefix
 from .source import EtcdSource, EtcdUnavailable, describe, range_end
 
@@ -65,10 +66,6 @@ Exit status: 0 written; 1 etcd failed or refused, nothing written; 2 bad
 arguments; 3 no answer to the transaction: it may or may not be written
 (running the same command again is safe).
 """
-
-
-class UsageError(ValueError):
-    pass
 
 
 def parse_items(words: list[str], prefix: bytes) -> dict[bytes, bytes]:

@@ -37,17 +37,29 @@ class Address:
         return f"{where} ({self.sni})" if self.sni else where
 
 
+def split_host_port(text: str) -> tuple[str, int]:
+    """'HOST:PORT' (HOST may be empty, or [IPv6]) -> (host, port); raises ValueError.
+    As --verify-tls and --health-addr both write it."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def parse_address(text: str) -> Address:
     """'HOST:PORT' or 'HOST:PORT,SNI'; raises ValueError."""
     where, _, sni = text.partition(",")
-    host, sep, port = where.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT[,SNI]")
+    try:
+        host, port = split_host_port(where)
+    except ValueError:
+        host = ""
+    if not host:
+        raise ValueError(f"{text!r} is not HOST:PORT[,SNI]") from None
     try:
         sni.encode("idna")  # what ssl will do with it, at the first change otherwise
     except UnicodeError:
         raise ValueError(f"{text!r}: {sni!r} is not a host name") from None
-    return Address(host.strip("[]"), int(port), sni or None)
+    return Address(host, port, sni or None)
 
 
 def served_leaf(address: Address, timeout: float) -> bytes | None:
