@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import stat
+import time
 from collections.abc import Iterable, Mapping
 
 from .fsops import Tree, lstat_at, open_dir, remove_at
@@ -24,6 +25,9 @@ TARGET_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 )
 ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})  # no file (of ours) there
+# A first guess of what one hard link into a new directory costs (measured
+# here: 4 us on tmpfs, 14 us on ext4), until a copy of LINKS_MEASURED or more says.
+LINK_SECONDS, LINKS_MEASURED = 10e-6, 64
 PROBE = "..probe"  # a file made and removed to tell a key's failure from the target's
 
 
@@ -54,6 +58,12 @@ class FileMaker:
         self.attributes = FileAttributes(mode, uid, gid, rules)  # --file-mode, per path
         self.pool: list[str] = []  # names of empty files in ..pool
         self._pool_serial = 0
+        self.link_seconds = LINK_SECONDS  # what a hard link took, as last measured
+
+    def timed(self, links: int, seconds: float) -> None:
+        """``links`` hard links took ``seconds``: the estimate a copy of every file uses."""
+        if links >= LINKS_MEASURED:
+            self.link_seconds = seconds / links
 
     def apply(
         self,
@@ -160,12 +170,20 @@ class FileMaker:
 
     def link(self, source: Tree, tree: Tree, rel: str) -> bool:
         """Share the live file at ``rel``; False if the live snapshot has none."""
-        if not has_file(source, rel):
+        try:
+            src_parent, leaf = source.parent(rel)
+        except OSError as err:
+            if err.errno in ABSENT:
+                return False
+            raise
+        if not _is_file(src_parent, leaf):
             return False
-        src_parent, leaf = source.parent(rel)  # open already: has_file went there
-        tree.unlink(rel)
         parent, _ = tree.parent(rel, self.mkdir)
-        os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
+        try:  # two syscalls a file: a spare is made of 10,000s of these
+            os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
+        except FileExistsError:
+            tree.unlink(rel)
+            os.link(leaf, leaf, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
         return True
 
     def copy(
@@ -175,8 +193,10 @@ class FileMaker:
         no file contents copied; the paths ``source`` lacked. ``sync``: its
         directories are made durable (the files are already: the source's)."""
         self.mkdir(target_fd, name)
+        started, paths = time.monotonic(), list(paths)
         with Tree(open_dir(name, target_fd)) as tree, Tree(open_dir(source, target_fd)) as src:
             missing = [rel for rel in paths if not self.link(src, tree, rel)]
+            self.timed(len(paths), time.monotonic() - started)
             if sync:
                 tree.sync()
         return missing

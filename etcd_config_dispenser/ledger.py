@@ -14,9 +14,17 @@ just before the flip, so it is left untouched for ``grace`` seconds, or
 during a burst (no spare past ``grace``) for ``min_grace`` at least: changes
 back to back then cycle through the directories retired in the last
 ``min_grace`` instead of each copying every file. Once
-that is over it is either deleted (beyond ``max_spares``) or brought up to
+that is over it is either deleted (beyond ``wanted``) or brought up to
 the live content (``catch_up``): then no directory under the target holds a
 value that etcd no longer has, and the next change starts from it.
+
+Changes ``i`` seconds apart need about ``min_grace / i`` directories in that
+rotation. It starts at ``max_spares``; each change that finds none ready
+(``short``) asks for one more, up to ``most_spares``, made a few links at a
+time between changes (``growing``), and the rotation shrinks back once no
+change has been short for ``BURST_MEMORY`` seconds. A directory costs one
+entry per file (disk, or kernel memory on tmpfs), so only a target that sees
+bursts keeps more than ``max_spares``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .fsops import Stamps
+
+BURST_MEMORY = 300.0  # seconds a grown rotation is kept after the last change it served
 
 
 @dataclass
@@ -48,10 +58,20 @@ class Housekeeping:
 
 
 class Ledger:
-    def __init__(self, grace: float, max_spares: int, min_grace: float | None = None) -> None:
+    def __init__(
+        self,
+        grace: float,
+        max_spares: int,
+        min_grace: float | None = None,
+        most_spares: int | None = None,
+    ) -> None:
         self.grace = grace
         self.min_grace = grace if min_grace is None else min(min_grace, grace)
         self.max_spares = max_spares
+        self.most_spares = max(max_spares, most_spares or 0)  # what a burst may grow to
+        self.wanted = max_spares  # spares to keep now
+        self.short_at: float | None = None  # when a change last found no spare ready
+        self.growing: Snap | None = None  # a spare being made, a few links at a time
         self.live: Snap | None = None
         self.adopted: str | None = None  # live, left by a previous process; contents untracked
         self.spares: list[Snap] = []  # oldest retirement first
@@ -83,11 +103,38 @@ class Ledger:
         if ready:
             spare = ready[0]
         else:  # a burst: the oldest one past the shorter grace, if any
-            if not self.spares or now - (self.spares[0].retired_at or 0.0) < self.min_grace:
+            ready_at = self.spare_ready_at()
+            if ready_at is None or now < ready_at:
                 return None
             spare = self.spares[0]
         self.spares.remove(spare)
         return spare, self._since(spare.seq)
+
+    def spare_ready_at(self) -> float | None:
+        """When the oldest spare's shorter grace ends (the same sum ``take_spare`` tests,
+        so that a wait until then is never refused by a float's last bit)."""
+        if not self.spares:
+            return None
+        retired_at = self.spares[0].retired_at
+        return retired_at + self.min_grace if retired_at is not None else float("-inf")
+
+    def short(self, now: float) -> None:
+        """A change found no spare ready: keep one more, up to ``most_spares``."""
+        self.short_at = now
+        self.wanted = min(self.most_spares, self.wanted + 1)
+
+    def to_grow(self) -> bool:
+        """Whether a spare should be made now (and none is being made): one when there is
+        none (start-up), more for bursts; otherwise retired snapshots are the spares."""
+        if self.live is None or self.growing is not None:
+            return False
+        have = len(self.spares)
+        return have == 0 < self.wanted or (self.short_at is not None and have < self.wanted)
+
+    def grown(self, spare: Snap) -> None:
+        """The spare being made is complete."""
+        self.growing = None
+        self.spares.append(spare)
 
     def published(self, name: str, revision: int, changed: Collection[str], now: float) -> None:
         """``name`` is live now; ``changed`` are the paths it differs in from the one before."""
@@ -125,6 +172,8 @@ class Ledger:
             self.adopted, self.live = previous, None
             self.doomed.pop(previous, None)
             self.doomed[rejected.name] = now + self.grace
+            if self.growing is not None:  # made from ours, not from what is live now
+                self.doom(self.growing.name, now)
             return previous, None
         self.journal.append(paths)  # the way back touches the same paths
         self.spares.remove(previous)
@@ -145,9 +194,11 @@ class Ledger:
             if when <= now and name != self.previous:
                 due.delete.append(name)
                 del self.doomed[name]
+        if self.short_at is not None and now - self.short_at >= BURST_MEMORY:
+            self.wanted, self.short_at = self.max_spares, None  # the bursts are over
         ready = [s for s in self.spares if self._past_grace(s, now) and s is not protected]
         quiet = self.live is None or now - (self.live_since or 0.0) >= self.grace
-        excess = len(self.spares) - self.max_spares if quiet else 0  # a burst keeps them
+        excess = len(self.spares) - self.wanted if quiet else 0  # a burst keeps them
         for spare in ready[: max(0, excess)]:  # oldest first
             self.spares.remove(spare)
             due.delete.append(spare.name)
@@ -176,8 +227,12 @@ class Ledger:
         ready = [s for s in self.spares if self._past_grace(s, now) and s is not protected]
         if self.live is not None and any(s.seq != self.live.seq for s in ready):
             waits.append(now)  # a spare to bring up to date
-        if not quiet and len(self.spares) > self.max_spares and self.live_since is not None:
+        if not quiet and len(self.spares) > self.wanted and self.live_since is not None:
             waits.append(self.live_since + self.grace)  # the burst's extra spares go then
+        if self.short_at is not None and self.wanted > self.max_spares:
+            waits.append(self.short_at + BURST_MEMORY)  # the rotation shrinks back then
+        if self.to_grow() or self.growing is not None:
+            waits.append(now)  # a spare to make (a step at a time)
         # (Once quiet, an extra spare is either past its grace and behind, so due now by
         # the rule above, or still in its grace, so due when it ends.)
         return max(min(waits), now + 1e-3) if waits else None
@@ -185,6 +240,8 @@ class Ledger:
     def doom(self, name: str, when: float) -> None:
         """Delete the directory ``name`` from ``when`` on (it is no spare any more)."""
         self.spares = [s for s in self.spares if s.name != name]
+        if self.growing is not None and self.growing.name == name:
+            self.growing = None
         self.doomed[name] = when
 
     def caught_up(self, spare: Snap) -> None:
@@ -198,6 +255,8 @@ class Ledger:
     def trim(self) -> None:
         """Forget journal entries that no directory needs any more."""
         seqs = [s.seq for s in self.spares]
+        if self.growing is not None:
+            seqs.append(self.growing.seq)
         if self.live is not None:
             seqs.append(self.live.seq)
         if isinstance(self.previous, Snap):
@@ -209,4 +268,5 @@ class Ledger:
     def names(self) -> list[str]:
         """Every snapshot directory this ledger knows of: live, spares, doomed."""
         live = [self.live.name] if self.live else [self.adopted] if self.adopted else []
-        return live + [s.name for s in self.spares] + list(self.doomed)
+        growing = [self.growing.name] if self.growing is not None else []
+        return live + [s.name for s in self.spares] + growing + list(self.doomed)

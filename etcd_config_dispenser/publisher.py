@@ -34,6 +34,9 @@ GATE_RECHECK = 5.0  # seconds between looks at a refused certificate, changes or
 # After each change made live: (revision, every file, paths written, paths removed).
 Listener = Callable[[int, Mapping[str, bytes], list[str], list[str]], None]
 RETRY_FIRST, RETRY_MAX = 0.1, 10.0  # seconds between tries to write the target
+# Seconds of making a spare between two looks at the inbox: a change that comes
+# meanwhile waits at most about this long (plus one step of links).
+HOUSEKEEPING_STEP = 0.0005
 ONCE_WRITE_ATTEMPTS = 3  # --once gives up writing the target after this many tries
 
 
@@ -314,7 +317,7 @@ class Publisher:
             # Housekeeping when due, and only when no change is waiting: changes first.
             due = housekeeping_at is not None and self.clock() >= housekeeping_at
             if due and self.inbox.empty():
-                housekeeping_at = self.writer.maintain()
+                housekeeping_at = self.writer.maintain(HOUSEKEEPING_STEP)
 
     def _publish(self, revision: int, changed: set[str]) -> None:
         """Make the tree live; --check it; signal the child. Raises SnapshotError."""

@@ -35,11 +35,11 @@ from pathlib import Path
 
 from . import recovery
 from .filemaker import ABSENT, FileMaker, has_file
-from .fsops import Tree, files_in, open_dir, remove_at, syncfs, unchanged
+from .fsops import Tree, files_in, open_dir, remove_at, syncfs
 from .housekeeping import Housekeeper, discard
 from .keys import MAX_PATH
 from .layout import DATA_LINK, SNAPSHOT_NAME_MAX, TMP_LINK, snapshot_name
-from .ledger import Ledger, Snap
+from .ledger import Ledger
 from .links import TopLinks
 from .rules import FileRule
 
@@ -47,8 +47,16 @@ log = logging.getLogger(__name__)
 
 FSYNC_EACH_MAX = 32  # up to this many files written: fsync each; beyond: one syncfs
 MAX_SPARES = 2  # retired snapshots kept, past their grace period, for the next changes
+MOST_SPARES = 6  # ... and during bursts, at most (see ledger)
 GRACE = 0.25  # seconds a retired snapshot stays untouched for readers still in it
-MIN_GRACE = 0.025  # ... at least, during a burst (see ledger)
+# ... at least, during a burst (see ledger). What it protects is a reader that
+# resolved ``..data`` once and reads several files from there: tens of
+# microseconds for a certificate and its key, unless the reader is descheduled.
+# Readers through the top-level links resolve ``..data`` at each open and never
+# see a retired snapshot change. Kubernetes' AtomicWriter deletes the old one
+# at once. Changes back to back (2-3 ms apart at 10,000 keys here) need about
+# MIN_GRACE / interval spares, each one entry per file: 10 ms keeps that at 4-5.
+MIN_GRACE = 0.005
 
 
 class SnapshotError(OSError):
@@ -80,12 +88,15 @@ class SnapshotWriter:
         max_spares: int = MAX_SPARES,
         min_grace: float = MIN_GRACE,
         file_rules: tuple[FileRule, ...] = (),
+        most_spares: int = MOST_SPARES,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.target = target
         self._maker = FileMaker(mode, uid, gid, file_rules)
         self.clock = clock
+        self.sleep = sleep
         self.defer_first_sync = defer_first_sync
-        self.ledger = Ledger(grace, max_spares, min_grace)
+        self.ledger = Ledger(grace, max_spares, min_grace, most_spares if max_spares else 0)
         self._links = TopLinks()
         self._fd = -1  # the target, open from recover() on
         self._unsynced = False  # the first snapshot waits for settle() to be synced
@@ -102,7 +113,9 @@ class SnapshotWriter:
         """
         self._fd, found = recovery.open_target(self.target, self._maker.mkdir)
         self._links.adopt(found.links, found.live_files)
-        self._housekeeper = Housekeeper(self._fd, self.ledger, self._maker, self._links, self.clock)
+        self._housekeeper = Housekeeper(
+            self._fd, self.ledger, self._maker, self._links, self.clock, self.sleep
+        )
         self.ledger.adopted = found.live
         self.made_target = found.created
         return found.live
@@ -127,8 +140,10 @@ class SnapshotWriter:
         explains raises SnapshotError and leaves the live snapshot as it was.
 
         1. Nothing changed: return None, touch nothing.
-        2. Choose a directory: a spare past its grace period (renamed), else
-           a new one hard-linked from the live one, else (first) a new one.
+        2. Choose a directory: a spare past its grace period (renamed); else
+           the oldest spare once its shorter grace ends, if that comes sooner
+           than a copy of every file would take; else a new one hard-linked
+           from the live one, else (first) a new one.
         3. Bring it to ``files``: remove, then write, the paths that differ;
            a path that only the journal names is linked from the live one.
         4. Make it durable: fsync each new file and every directory touched,
@@ -149,7 +164,7 @@ class SnapshotWriter:
         delta: set[str] = set(files) if first else changed
         renamed, spare = False, None  # renamed: the spare is ``name`` now, gone with it
         try:
-            spare = _verified_spare(self._fd, ledger, now)  # (2)
+            spare = None if first else self._housekeeper.spare(now)  # (2)
             if spare is not None:
                 os.rename(spare[0].name, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
                 renamed = True
@@ -160,7 +175,11 @@ class SnapshotWriter:
                 assert self.serving is not None
                 copy = (self._maker, self._fd, self.serving, self._links.live_paths)
                 delta = _copy_live(*copy, name, files, changed)
-            result = self._fill(name, files, delta, changed, first)  # (3), (4)
+            defer = first and self.defer_first_sync and ledger.adopted is None  # see settle
+            live = None if first else self.serving
+            args = (self._maker, self._fd, name, live, files, delta, changed, first, defer)
+            result = _fill(*args)  # (3), (4)
+            self._unsynced = self._unsynced or defer
             self._flip(name)  # (5)
         except OSError as err:
             for left in discard(self._fd, TMP_LINK, name):
@@ -175,48 +194,6 @@ class SnapshotWriter:
         self._links.update(self._fd, present, first, f"r{revision}")  # (6)
         result.written = sorted(p for p in changed if present.get(p))
         result.removed = sorted(p for p in changed if p not in files)
-        return result
-
-    def _fill(
-        self,
-        name: str,
-        files: Mapping[str, bytes],
-        delta: set[str],
-        changed: set[str],
-        first: bool,
-    ) -> Published:
-        """Steps 3 and 4 in the directory ``name``."""
-        result = Published(name)
-        live = None if first else self.serving
-        try:
-            source = Tree(open_dir(live, self._fd)) if live is not None else None
-        except OSError as err:  # replaced by someone: every file is written instead
-            if err.errno not in ABSENT:
-                raise
-            source = None
-        pool = self._maker.open_pool(self._fd) if not first else None
-        written: list[int] = []
-        try:
-            with Tree(open_dir(name, self._fd)) as tree:
-                maker = self._maker
-                result.failed, count = maker.apply(
-                    tree, source, files, delta, changed, pool, written, FSYNC_EACH_MAX
-                )
-                if first and self.defer_first_sync and self.ledger.adopted is None:
-                    self._unsynced = True  # synced by settle(), see app
-                elif first or count > FSYNC_EACH_MAX:
-                    syncfs(tree.fd)
-                else:
-                    for fd in written:
-                        os.fsync(fd)
-                    tree.sync()
-        finally:
-            for fd in written:
-                os.close(fd)
-            if pool is not None:
-                os.close(pool)
-            if source is not None:
-                source.close()
         return result
 
     def _flip(self, name: str) -> None:
@@ -277,9 +254,10 @@ class SnapshotWriter:
         except OSError as err:
             log.warning("could not make the snapshot durable: %s", err)
 
-    def maintain(self) -> float | None:
-        """Housekeeping that is due (see ``housekeeping``); when more will be due."""
-        return self._housekeeper.run()
+    def maintain(self, step: float | None = None) -> float | None:
+        """Housekeeping that is due (see ``housekeeping``); when more will be due.
+        ``step``: seconds a spare being made may take now (None: all it needs)."""
+        return self._housekeeper.run(step)
 
     @property
     def kept_dirs(self) -> list[str]:
@@ -292,19 +270,48 @@ def max_key_path(target: Path) -> int:
     return MAX_PATH - len(os.fsencode(target)) - SNAPSHOT_NAME_MAX - 2
 
 
-def _verified_spare(target_fd: int, ledger: Ledger, now: float) -> tuple[Snap, set[str]] | None:
-    """The spare to use, if one is ready and still as we left it (nobody added,
-    removed or replaced an entry in its directories since)."""
-    while (spare := ledger.take_spare(now)) is not None:
-        made = spare[0].stamps
-        if made is None:  # retired and not looked at since: copy rather than trust it
-            ledger.spares.insert(0, spare[0])
-            return None
-        if unchanged(target_fd, spare[0].name, made):
-            return spare
-        log.warning("snapshot %r was changed by someone else: not used", spare[0].name)
-        ledger.doom(spare[0].name, now)
-    return None
+def _fill(
+    maker: FileMaker,
+    target_fd: int,
+    name: str,
+    live: str | None,
+    files: Mapping[str, bytes],
+    delta: set[str],
+    changed: set[str],
+    first: bool,
+    defer_sync: bool,
+) -> Published:
+    """Steps 3 and 4 of ``publish`` in the directory ``name``, from the ``live`` one."""
+    result = Published(name)
+    try:
+        source = Tree(open_dir(live, target_fd)) if live is not None else None
+    except OSError as err:  # replaced by someone: every file is written instead
+        if err.errno not in ABSENT:
+            raise
+        source = None
+    pool = maker.open_pool(target_fd) if not first else None
+    written: list[int] = []
+    try:
+        with Tree(open_dir(name, target_fd)) as tree:
+            result.failed, count = maker.apply(
+                tree, source, files, delta, changed, pool, written, FSYNC_EACH_MAX
+            )
+            if defer_sync:
+                pass  # the first snapshot: synced whole by settle(), see app
+            elif first or count > FSYNC_EACH_MAX:
+                syncfs(tree.fd)
+            else:
+                for fd in written:
+                    os.fsync(fd)
+                tree.sync()
+    finally:
+        for fd in written:
+            os.close(fd)
+        if pool is not None:
+            os.close(pool)
+        if source is not None:
+            source.close()
+    return result
 
 
 def _copy_live(

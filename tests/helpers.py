@@ -41,6 +41,10 @@ class Clock:
     def __call__(self) -> float:
         return self.now
 
+    def sleep(self, seconds: float) -> None:
+        """What a writer waiting for a spare calls: time passes, none is spent."""
+        self.now += max(0.0, seconds)
+
 
 def http_get(port: int, path: str) -> tuple[int, str]:
     """(status, body) of a GET on the health server; (0, why) if it does not answer."""

@@ -1,15 +1,16 @@
 """The snapshot ledger on plain data: housekeeping, rescheduled by next_due, always ends
 with every spare up to date and no more than MAX_SPARES kept, however long each run takes
-(a run that outlasts a spare's grace once left it behind for good, with old secrets)."""
+(a run that outlasts a spare's grace once left it behind for good, with old secrets), and
+however far a burst grew the rotation."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etcd_config_dispenser.ledger import Ledger
+from etcd_config_dispenser.ledger import BURST_MEMORY, Ledger, Snap
 
-GRACE, MAX_SPARES, MIN_GRACE = 0.25, 2, 0.025
+GRACE, MAX_SPARES, MIN_GRACE, MOST_SPARES = 0.25, 2, 0.005, 6
 
 
 def run_housekeeping(ledger: Ledger, now: float, took: float) -> float | None:
@@ -18,7 +19,18 @@ def run_housekeeping(ledger: Ledger, now: float, took: float) -> float | None:
     due = ledger.housekeeping(now)
     for spare, _paths in due.catch_up:
         ledger.caught_up(spare)
+    while ledger.to_grow():  # the spares it wants, made (in one go here)
+        assert ledger.live is not None
+        ledger.growing = Snap(f"grown-{now}-{len(ledger.spares)}", ledger.live.seq, 0)
+        ledger.grown(ledger.growing)
     return ledger.next_due(now + took)
+
+
+def change(ledger: Ledger, name: str, revision: int, now: float) -> None:
+    """One publish as the writer does it: a spare if one is ready, else short."""
+    if ledger.take_spare(now) is None and ledger.spares:
+        ledger.short(now)
+    ledger.published(name, revision, [f"k{revision}"], now)
 
 
 def test_a_grace_that_ends_during_a_run_is_not_forgotten() -> None:
@@ -33,11 +45,11 @@ def test_a_grace_that_ends_during_a_run_is_not_forgotten() -> None:
 
 @settings(max_examples=400, deadline=None)
 @given(
-    gaps=st.lists(st.floats(0.0, 0.4), min_size=1, max_size=12),
+    gaps=st.lists(st.floats(0.0, 0.4) | st.floats(0.0, 0.004), min_size=1, max_size=24),
     runs=st.lists(st.floats(0.0, 0.3), min_size=1, max_size=8),
 )
 def test_following_next_due_always_ends_clean(gaps: list[float], runs: list[float]) -> None:
-    ledger = Ledger(GRACE, MAX_SPARES, MIN_GRACE)
+    ledger = Ledger(GRACE, MAX_SPARES, MIN_GRACE, MOST_SPARES)
     now, due = 0.0, None
     ledger.published("s0", 1, [], now)
     ledger.settle()
@@ -49,7 +61,7 @@ def test_following_next_due_always_ends_clean(gaps: list[float], runs: list[floa
             due = run_housekeeping(ledger, now, took)
             now += took
         now += gap
-        ledger.published(f"s{i}", i + 1, [f"k{i}"], now)
+        change(ledger, f"s{i}", i + 1, now)
         ledger.settle()  # signalled: nothing to roll back to (the writer's settle)
         due = ledger.next_due(now)
     for step in range(200):  # quiet from here on: follow next_due to the end
@@ -61,4 +73,25 @@ def test_following_next_due_always_ends_clean(gaps: list[float], runs: list[floa
         now += took
     assert ledger.live is not None
     assert [s.name for s in ledger.spares if s.seq != ledger.live.seq] == []
-    assert len(ledger.spares) <= MAX_SPARES
+    assert len(ledger.spares) <= MAX_SPARES  # however far a burst grew it
+    assert ledger.wanted == MAX_SPARES
+
+
+def test_a_burst_grows_the_rotation_and_quiet_shrinks_it() -> None:
+    """Changes 1 ms apart find every spare in its grace: each asks for one more, up to
+    MOST_SPARES; the rotation stays while bursts come, and goes BURST_MEMORY later."""
+    ledger = Ledger(GRACE, MAX_SPARES, MIN_GRACE, MOST_SPARES)
+    ledger.published("s0", 1, [], 0.0)
+    for i in range(1, 3):
+        change(ledger, f"s{i}", i + 1, i * 0.001)
+    assert ledger.wanted == MAX_SPARES + 1  # the second found the one retired in its grace
+    for i in range(3, 40):
+        change(ledger, f"s{i}", i + 1, i * 0.001)
+        run_housekeeping(ledger, i * 0.001, 0.0)
+    assert ledger.wanted == MOST_SPARES
+    run_housekeeping(ledger, 0.039 + BURST_MEMORY - 1, 0.0)
+    assert ledger.wanted == MOST_SPARES  # a burst may come back: kept
+    due = run_housekeeping(ledger, 0.039 + BURST_MEMORY + 1, 0.0)
+    assert ledger.wanted == MAX_SPARES
+    assert len(ledger.spares) == MAX_SPARES
+    assert due is None

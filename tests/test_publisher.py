@@ -25,8 +25,9 @@ from etcd_config_dispenser import publisher as publisher_module
 from etcd_config_dispenser.events import Batch, Change, Ended, Event, FullRead
 from etcd_config_dispenser.health import Stats
 from etcd_config_dispenser.layout import DATA_LINK, POOL_DIR
+from etcd_config_dispenser.ledger import BURST_MEMORY
 from etcd_config_dispenser.publisher import Publisher, window_closes
-from etcd_config_dispenser.snapshot import MAX_SPARES, SnapshotWriter
+from etcd_config_dispenser.snapshot import MAX_SPARES, MOST_SPARES, SnapshotWriter
 
 PREFIX = b"/p/"
 WAIT = 2.0  # seconds any one condition may take before the test fails
@@ -572,14 +573,23 @@ def test_housekeeping_leaves_no_old_value_and_few_snapshots(rigs: Callable[..., 
 
     clock.now += grace
 
-    def clean() -> bool:
-        try:
-            stale = stale_files(rig.target, current)
-            return not stale and len(snapshot_dirs(rig.target)) <= 1 + MAX_SPARES
-        except FileNotFoundError:  # removed while looked at: not done yet
-            return False
+    def clean(spares: int) -> Callable[[], bool]:
+        def done() -> bool:
+            try:
+                stale = stale_files(rig.target, current)
+                return not stale and len(snapshot_dirs(rig.target)) <= 1 + spares
+            except FileNotFoundError:  # removed while looked at: not done yet
+                return False
 
-    busy_wait(clean, timeout=WAIT, step=0.002)
+        return done
+
+    # The changes came at one instant: the burst grew the rotation, which is kept (up
+    # to date: no old value in it) until no burst has come for BURST_MEMORY.
+    assert rig.writer.ledger.wanted > MAX_SPARES
+    busy_wait(clean(MOST_SPARES), timeout=WAIT, step=0.002)
+    clock.now += BURST_MEMORY
+    rig.send(Batch(len(changes) + 2, []))  # wakes it (it waits in real seconds)
+    busy_wait(clean(MAX_SPARES), timeout=WAIT, step=0.002)
     rig.stop()  # nothing moves any more: look once again
     assert stale_files(rig.target, current) == []
     assert len(snapshot_dirs(rig.target)) <= 1 + MAX_SPARES
