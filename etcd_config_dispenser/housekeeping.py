@@ -24,7 +24,7 @@ REMOVE_RETRY = 1.0  # seconds before removing an old snapshot is tried again
 # Entries removed in one step: removing 10,000 files takes up to a second on a
 # busy disk, and a change must not wait for it (the publisher checks between).
 REMOVE_STEP = 256
-GROW_STEP = 64  # files linked into a spare being made between two looks at the clock
+GROW_STEP = 32  # files linked into a spare being made between two looks at the clock
 
 
 def discard(target_fd: int, *names: str) -> list[str]:

@@ -19,7 +19,7 @@ the live content (``catch_up``): then no directory under the target holds a
 value that etcd no longer has, and the next change starts from it.
 
 Changes ``i`` seconds apart need about ``min_grace / i`` directories in that
-rotation. It starts at ``max_spares``; each change that finds none ready
+rotation. It starts at ``max_spares``; a change that finds none ready
 (``short``) asks for one more, up to ``most_spares``, made a few links at a
 time between changes (``growing``), and the rotation shrinks back once no
 change has been short for ``BURST_MEMORY`` seconds. A directory costs one
@@ -119,17 +119,17 @@ class Ledger:
         return retired_at + self.min_grace if retired_at is not None else float("-inf")
 
     def short(self, now: float) -> None:
-        """A change found no spare ready: keep one more, up to ``most_spares``."""
+        """A change found no spare ready: keep one more than now, up to ``most_spares``
+        (not one more per change: the one being made may be all this rate needs)."""
         self.short_at = now
-        self.wanted = min(self.most_spares, self.wanted + 1)
+        if self.growing is None:
+            self.wanted = min(self.most_spares, max(self.wanted, len(self.spares) + 1))
 
     def to_grow(self) -> bool:
-        """Whether a spare should be made now (and none is being made): one when there is
-        none (start-up), more for bursts; otherwise retired snapshots are the spares."""
-        if self.live is None or self.growing is not None:
-            return False
+        """Whether a spare should be made now (and none is being made). A change takes a
+        spare and retires the live one: only a copy or this adds one to the rotation."""
         have = len(self.spares)
-        return have == 0 < self.wanted or (self.short_at is not None and have < self.wanted)
+        return self.live is not None and self.growing is None and have < self.wanted
 
     def grown(self, spare: Snap) -> None:
         """The spare being made is complete."""

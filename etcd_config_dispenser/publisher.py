@@ -36,7 +36,7 @@ Listener = Callable[[int, Mapping[str, bytes], list[str], list[str]], None]
 RETRY_FIRST, RETRY_MAX = 0.1, 10.0  # seconds between tries to write the target
 # Seconds of making a spare between two looks at the inbox: a change that comes
 # meanwhile waits at most about this long (plus one step of links).
-HOUSEKEEPING_STEP = 0.0005
+HOUSEKEEPING_STEP = 0.0002
 ONCE_WRITE_ATTEMPTS = 3  # --once gives up writing the target after this many tries
 
 

@@ -133,7 +133,7 @@ def test_old_snapshot_is_untouched_within_the_grace_period(tmp_path: Path) -> No
 def test_spare_directory_is_reused_after_the_grace_period(tmp_path: Path) -> None:
     target = tmp_path / "config"
     clock = Clock()
-    writer = make_writer(target, grace=1.0, clock=clock)
+    writer = make_writer(target, grace=1.0, clock=clock, max_spares=1)
     tree = KeyTree()
     publish(writer, tree, 1, a=b"1", b=b"1")
     first_inode = os.stat(target / os.readlink(target / DATA_LINK)).st_ino

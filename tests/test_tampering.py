@@ -177,14 +177,14 @@ def test_a_spare_changed_by_someone_else_is_never_made_live(tmp_path: Path, what
     tree = KeyTree()
     writer.publish(tree.files, tree.put("sub/a", b"A") | tree.put("k", b"1"), 1)
     writer.settle()
-    writer.maintain()  # a spare is prepared
+    writer.maintain()  # spares are made: each one is tampered with
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "a").write_bytes(b"SENTINEL")
     live = os.readlink(target / "..data")
     for spare in (n for n in os.listdir(target) if is_snapshot_name(n) and n != live):
         if what == "subdirectory made a link out":
-            os.rename(target / spare / "sub", tmp_path / "moved-away")
+            os.rename(target / spare / "sub", tmp_path / f"moved-away-{spare}")
             os.symlink(outside, target / spare / "sub")
         elif what == "file added":
             (target / spare / "evil").write_bytes(b"include /evil;")
