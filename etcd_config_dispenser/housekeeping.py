@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from .filemaker import FileMaker
-from .fsops import Tree, open_dir, remove_at, stamps, unchanged
+from .fsops import Tree, open_dir, remove_at, stamps, unchanged, walk
 from .layout import snapshot_name
 from .ledger import Ledger, Snap
 from .links import TopLinks
@@ -215,6 +215,7 @@ class Housekeeper:
                 self._maker.timed(len(batch), time.monotonic() - started)
                 del self._to_link[-GROW_STEP:]
                 if not self._to_link:
+                    self._check_made(spare, tree.fd, src.fd)
                     tree.sync()
         except OSError:
             self.ledger.doom(spare.name, self.clock())
@@ -222,3 +223,26 @@ class Housekeeper:
         if not self._to_link:
             spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
             self.ledger.grown(spare)
+
+    def _check_made(self, spare: Snap, tree_fd: int, live_fd: int) -> None:
+        """Raise unless the spare just made holds only what we linked: it was open to
+        anyone with write access to the target while it was made, a step at a time
+        (reused spares are checked by their stamps; this one has none yet). A file
+        must be the live one (same inode), or one of the paths changed since the
+        spare was started, which are rewritten when it is used anyway."""
+        live_files, live_dirs = {}, set()
+        for rel, entry in walk(live_fd):
+            if entry.is_dir(follow_symlinks=False):
+                live_dirs.add(rel)
+            else:
+                live_files[rel] = entry.inode()
+        redone = self.ledger.changed_since(spare.seq)
+        for rel, entry in walk(tree_fd):
+            if entry.is_dir(follow_symlinks=False):
+                ok = rel in live_dirs or any(p.startswith(rel + "/") for p in redone)
+            elif entry.is_file(follow_symlinks=False):
+                ok = rel in redone or live_files.get(rel) == entry.inode()
+            else:
+                ok = False
+            if not ok:
+                raise FileExistsError(f"{spare.name}/{rel} was not made by us: not used")

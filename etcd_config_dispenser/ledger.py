@@ -86,6 +86,10 @@ class Ledger:
     def seq(self) -> int:
         return self.base + len(self.journal)
 
+    def changed_since(self, seq: int) -> set[str]:
+        """The paths changed since sequence ``seq`` (what a directory at ``seq`` lacks)."""
+        return self._since(seq)
+
     def _since(self, seq: int) -> set[str]:
         paths: set[str] = set()
         for entry in self.journal[seq - self.base :]:

@@ -198,6 +198,41 @@ def test_a_spare_changed_by_someone_else_is_never_made_live(tmp_path: Path, what
     assert (outside / "a").read_bytes() == b"SENTINEL"
 
 
+@pytest.mark.parametrize("what", ["file planted", "file replaced", "link planted", "none"])
+def test_a_spare_changed_while_it_is_made_is_never_used(tmp_path: Path, what: str) -> None:
+    """A spare is made a few links at a time, between changes: whatever someone adds to
+    it or replaces in it meanwhile makes it unusable, never served."""
+    clock = Clock()
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target, clock=clock, grace=0.1, max_spares=1)
+    writer.recover()
+    tree = KeyTree()
+    for i in range(200):
+        tree.put(f"k{i:03d}", b"v")
+    writer.publish(tree.files, set(tree.files), 1)
+    writer.settle()
+    writer.maintain(step=0.0)  # one step: some of the 200 files are linked
+    growing = writer.ledger.growing
+    assert growing is not None
+    spare = target / growing.name
+    if what == "file planted":
+        (spare / "evil").write_bytes(b"include /evil;")
+    elif what == "file replaced":
+        linked = sorted(os.listdir(spare))[0]
+        (spare / linked).unlink()
+        (spare / linked).write_bytes(b"EVIL")
+    elif what == "link planted":
+        os.symlink("/etc/passwd", spare / "evil")
+    while writer.ledger.growing is not None:
+        writer.maintain(step=0.0)
+    used = [s.name for s in writer.ledger.spares] == [growing.name]
+    assert used == (what == "none")
+    clock.now += 1
+    change(writer, tree, 2, b"2")
+    assert read_tree(target) == tree.files
+    assert "evil" not in os.listdir(target / "..data")
+
+
 def test_a_live_snapshot_replaced_by_someone_else_is_written_anew(tmp_path: Path) -> None:
     target, writer, tree = started(tmp_path, grace=0.0)
     outside = tmp_path / "outside"
