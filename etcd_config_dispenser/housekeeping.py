@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 
 from .filemaker import FileMaker
-from .fsops import Tree, open_dir, remove_at, stamps, unchanged, walk
-from .layout import snapshot_name
+from .fsops import Tree, open_dir, remove_at, stamps, unchanged
 from .ledger import Ledger, Snap
 from .links import TopLinks
+from .spares import SpareMaker
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,6 @@ REMOVE_RETRY = 1.0  # seconds before removing an old snapshot is tried again
 # Entries removed in one step: removing 10,000 files takes up to a second on a
 # busy disk, and a change must not wait for it (the publisher checks between).
 REMOVE_STEP = 256
-GROW_STEP = 32  # files linked into a spare being made between two looks at the clock
 
 
 def discard(target_fd: int, *names: str) -> list[str]:
@@ -58,7 +57,7 @@ class Housekeeper:
         self._links = links
         self.clock = clock
         self.sleep = sleep
-        self._to_link: list[str] = []  # what the spare being made still lacks
+        self.spares = SpareMaker(target_fd, ledger, maker, links, clock)
 
     def run(self, step: float | None = None) -> float | None:
         """Housekeeping that is due: old snapshots deleted, spares brought up to date,
@@ -83,11 +82,18 @@ class Housekeeper:
             for spare, paths in due.catch_up:
                 self._catch_up(spare, paths)
             self.stamp_retired()
-            self._maker.fill_pool(self._fd)
-            deadline = None if step is None else self.clock() + step
-            self.grow(lambda: deadline is not None and self.clock() >= deadline)
         except OSError as err:
-            log.warning("could not prepare for the next change: %s", err)
+            log.warning("could not bring a spare up to date: %s", err)
+        try:
+            self._maker.fill_pool(self._fd)
+        except OSError as err:  # new files are then made when written, a little slower
+            log.warning("could not fill the pool of empty files: %s", err)
+        deadline = None if step is None else self.clock() + step
+        try:
+            self.spares.grow(lambda: deadline is not None and self.clock() >= deadline)
+        except OSError as err:  # not again before the next change: no loop on a full disk
+            self.ledger.grow_failed = True
+            log.warning("could not make a spare: %s; trying again after the next change", err)
         self.ledger.trim()
         if self.ledger.growing is not None:
             return self.clock()  # the next step now, unless a change comes first
@@ -163,86 +169,14 @@ class Housekeeper:
         if ready_at is None or ready_at - now >= copy_takes:
             return False
         while (before := self.clock()) < ready_at:
-            try:
-                self.grow(lambda: self.clock() >= ready_at)
+            try:  # not its last step: completing a spare (fsync, checks) could outlast the wait
+                self.spares.grow(lambda: self.clock() >= ready_at, complete=False)
             except OSError as err:  # only a spare for later failed
+                self.ledger.grow_failed = True
                 log.warning("could not make a spare: %s", err)
-            if self.clock() < ready_at:
-                self.sleep(ready_at - self.clock())
+            left = ready_at - self.clock()
+            if left > 0:
+                self.sleep(left)
             if self.clock() == before:  # a clock that does not move: copy instead
                 return False
         return True
-
-    def grow(self, stop: Callable[[], bool]) -> None:
-        """Make the spares the ledger wants: hard links to the live files in a new
-        directory, GROW_STEP at a time, until ``stop()`` says so (checked after each
-        step); the rest next time.
-
-        The live snapshot may change between steps: each step links from the one
-        live then, and the spare counts as of the sequence it started at, so the
-        paths changed since are redone when it is used or caught up (``ledger``).
-        Without a spare, the first change after start-up would pay for a copy of
-        every file before its signal. No reader ever saw it: it has no grace period.
-        """
-        ledger = self.ledger
-        while True:  # one step at least, whatever the clock says
-            live = ledger.live
-            if live is None:
-                return
-            if ledger.growing is None:
-                if not ledger.to_grow():
-                    return
-                name = snapshot_name(live.revision)
-                self._maker.mkdir(self._fd, name)
-                ledger.growing = Snap(name, live.seq, live.revision)
-                self._to_link = list(self._links.live_paths)
-            self._grow_step(ledger.growing, live)
-            if stop():
-                return
-
-    def _grow_step(self, spare: Snap, live: Snap) -> None:
-        """Link the next GROW_STEP files of the spare being made; complete it after the last."""
-        batch = self._to_link[-GROW_STEP:]
-        started = time.monotonic()  # the real cost, whatever clock the ledger uses
-        try:
-            with (
-                Tree(open_dir(spare.name, self._fd)) as tree,
-                Tree(open_dir(live.name, self._fd)) as src,
-            ):
-                for rel in batch:
-                    if not self._maker.link(src, tree, rel) and rel in self._links.live_paths:
-                        raise FileNotFoundError(f"{rel!r} is missing from {live.name!r}")
-                self._maker.timed(len(batch), time.monotonic() - started)
-                del self._to_link[-GROW_STEP:]
-                if not self._to_link:
-                    self._check_made(spare, tree.fd, src.fd)
-                    tree.sync()
-        except OSError:
-            self.ledger.doom(spare.name, self.clock())
-            raise
-        if not self._to_link:
-            spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
-            self.ledger.grown(spare)
-
-    def _check_made(self, spare: Snap, tree_fd: int, live_fd: int) -> None:
-        """Raise unless the spare just made holds only what we linked: it was open to
-        anyone with write access to the target while it was made, a step at a time
-        (reused spares are checked by their stamps; this one has none yet). A file
-        must be the live one (same inode), or one of the paths changed since the
-        spare was started, which are rewritten when it is used anyway."""
-        live_files, live_dirs = {}, set()
-        for rel, entry in walk(live_fd):
-            if entry.is_dir(follow_symlinks=False):
-                live_dirs.add(rel)
-            else:
-                live_files[rel] = entry.inode()
-        redone = self.ledger.changed_since(spare.seq)
-        for rel, entry in walk(tree_fd):
-            if entry.is_dir(follow_symlinks=False):
-                ok = rel in live_dirs or any(p.startswith(rel + "/") for p in redone)
-            elif entry.is_file(follow_symlinks=False):
-                ok = rel in redone or live_files.get(rel) == entry.inode()
-            else:
-                ok = False
-            if not ok:
-                raise FileExistsError(f"{spare.name}/{rel} was not made by us: not used")

@@ -72,6 +72,7 @@ class Ledger:
         self.wanted = max_spares  # spares to keep now
         self.short_at: float | None = None  # when a change last found no spare ready
         self.growing: Snap | None = None  # a spare being made, a few links at a time
+        self.grow_failed = False  # making one failed: not again before the next change
         self.live: Snap | None = None
         self.adopted: str | None = None  # live, left by a previous process; contents untracked
         self.spares: list[Snap] = []  # oldest retirement first
@@ -132,8 +133,9 @@ class Ledger:
     def to_grow(self) -> bool:
         """Whether a spare should be made now (and none is being made). A change takes a
         spare and retires the live one: only a copy or this adds one to the rotation."""
-        have = len(self.spares)
-        return self.live is not None and self.growing is None and have < self.wanted
+        if self.live is None or self.growing is not None or self.grow_failed:
+            return False
+        return len(self.spares) < self.wanted
 
     def grown(self, spare: Snap) -> None:
         """The spare being made is complete."""
@@ -158,6 +160,7 @@ class Ledger:
         self.live = Snap(name, self.seq, revision)
         self.live_since = now
         self.dirty = set()
+        self.grow_failed = False
 
     def failed(self, paths: Collection[str]) -> None:
         """These paths are not live as the key tree has them: rewrite them next time."""

@@ -34,6 +34,7 @@ LAYERS = [
     "ledger",  # snapshot bookkeeping, pure
     "links",
     "filemaker",
+    "spares",  # spares made a step at a time
     "housekeeping",  # after the signal: old snapshots, spares, pool
     "recovery",
     "snapshot",  # the writer
