@@ -84,7 +84,7 @@ class SpareMaker:
                 # What changed since the last step goes at once: a deleted key's value
                 # must not wait for the spare to be complete (linked anew if live).
                 for rel in self.ledger.changed_since(self._purged):
-                    tree.unlink(rel)
+                    tree.remove(rel)  # and its directories left empty
                 self._purged = self.ledger.seq
                 for rel in batch:
                     if not self._maker.link(src, tree, rel) and rel in self._links.live_paths:
@@ -113,7 +113,7 @@ class SpareMaker:
         for rel, entry in walk(live_fd):
             if entry.is_dir(follow_symlinks=False):
                 live_dirs.add(rel)
-            else:
+            elif entry.is_file(follow_symlinks=False):
                 live_files[rel] = entry.inode()
         redone = self.ledger.changed_since(spare.seq)
         made: dict[str, int] = {}
@@ -128,6 +128,7 @@ class SpareMaker:
                 ok = False
             if not ok:
                 raise FileExistsError(f"{spare.name}/{rel} was not made by us: not used")
-        lost = [r for r, ino in live_files.items() if r not in redone and made.get(r) != ino]
+        paths = self._links.live_paths  # what the live one holds, as far as we know
+        lost = [r for r in paths if r not in redone and made.get(r, 0) != live_files.get(r)]
         if lost:
             raise FileNotFoundError(f"{spare.name}/{lost[0]} is missing: not used")
