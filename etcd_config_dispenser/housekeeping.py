@@ -104,7 +104,8 @@ class Housekeeper:
         only while it still looks so."""
         for spare in self.ledger.spares:
             if spare.stamps is None:
-                spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
+                dirs = self._links.dirs_with(self.ledger.changed_since(spare.seq))
+                spare.stamps = stamps(self._fd, spare.name, dirs)
 
     def _catch_up(self, spare: Snap, paths: set[str]) -> None:
         """Bring a spare past its grace period to the live content: it then holds no value

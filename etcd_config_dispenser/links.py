@@ -37,6 +37,12 @@ class TopLinks:
         self._links: set[str] = set()  # links that exist on disk
         self._dirty = False  # a link operation failed: reconcile every name next time
 
+    def dirs_with(self, paths: Iterable[str]) -> set[str]:
+        """The live snapshot's directories and those above ``paths``: the directories a
+        snapshot may hold that differs from the live one in ``paths`` (one whose last
+        key was deleted since still holds that key's directory, and must be stamped)."""
+        return set(self.dirs) | {d for p in paths for d in ancestors(p)}
+
     def adopt(self, links: Iterable[str], live_paths: Iterable[str]) -> None:
         """What a previous process left: its links and its live snapshot's files."""
         self._links = set(links)

@@ -98,7 +98,8 @@ class SpareMaker:
             self.ledger.doom(spare.name, self.clock())
             raise
         if not self._to_link:
-            spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
+            dirs = self._links.dirs_with(self.ledger.changed_since(spare.seq))
+            spare.stamps = stamps(self._fd, spare.name, dirs)
             self.ledger.grown(spare)
 
     def _check_made(self, spare: Snap, tree: Tree, live_fd: int) -> None:

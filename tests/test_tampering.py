@@ -233,6 +233,36 @@ def test_a_spare_changed_while_it_is_made_is_never_used(tmp_path: Path, what: st
     assert "evil" not in os.listdir(target / "..data")
 
 
+def test_a_file_planted_where_a_deleted_key_was_is_never_served(tmp_path: Path) -> None:
+    """A retired snapshot still holds the directory of a key deleted since; the live one
+    does not. A file planted there must make the spare unusable: its stamps cover the
+    directories it holds, not only the live one's (else it was served via ``b``)."""
+    clock = Clock()
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target, clock=clock, max_spares=1)
+    writer.recover()
+    tree = KeyTree()
+    for i in range(50):
+        tree.put(f"b/k{i:03d}", b"v")
+    tree.put("b/c/x", b"secret")
+    writer.publish(tree.files, set(tree.files), 1)
+    writer.settle()
+    writer.maintain()
+    clock.now += 1
+    writer.maintain()
+    writer.publish(tree.files, tree.delete("b/c/x"), 2)
+    writer.settle()
+    retired = [s.name for s in writer.ledger.spares if s.retired_at is not None]
+    assert retired and (target / retired[0] / "b" / "c").is_dir()
+    (target / retired[0] / "b" / "c" / "evil").write_bytes(b"PLANTED")
+    for revision in range(3, 6):  # the rotation goes round: the spare comes up for use
+        clock.now += 1
+        writer.maintain()
+        writer.publish(tree.files, tree.put("b/k000", b"%d" % revision), revision)
+        writer.settle()
+        assert read_tree(target) == tree.files
+
+
 def test_a_live_snapshot_replaced_by_someone_else_is_written_anew(tmp_path: Path) -> None:
     target, writer, tree = started(tmp_path, grace=0.0)
     outside = tmp_path / "outside"
