@@ -13,8 +13,11 @@ one whole revision, as long as it reads within the grace period.
 
 A change costs the paths it changed, not the files held: it is applied to a
 directory that already holds the rest (a retired snapshot past its grace
-period, kept up to date by ``maintain``; see ``ledger``). Only when there is
-none is the live one hard-linked into a new directory first. New files come
+period, kept up to date by ``maintain``; see ``ledger``). In a burst, when
+every one is still in its grace, the change waits for the oldest one's
+shorter grace (``housekeeping``) while more are made (``spares``); only when
+there is none, or a copy is cheaper than the wait (a few hundred files), is
+the live one hard-linked into a new directory first. New files come
 from a pool of empty ones made ahead (creating an inode is the slow part of
 a small change) and are renamed into place. A file is never modified in
 place: unchanged files are shared between snapshots as hard links.
