@@ -104,8 +104,7 @@ class Housekeeper:
         only while it still looks so."""
         for spare in self.ledger.spares:
             if spare.stamps is None:
-                dirs = self._links.dirs_with(self.ledger.changed_since(spare.seq))
-                spare.stamps = stamps(self._fd, spare.name, dirs)
+                self.spares.stamp(spare)
 
     def _catch_up(self, spare: Snap, paths: set[str]) -> None:
         """Bring a spare past its grace period to the live content: it then holds no value

@@ -89,9 +89,6 @@ class Ledger:
 
     def changed_since(self, seq: int) -> set[str]:
         """The paths changed since sequence ``seq`` (what a directory at ``seq`` lacks)."""
-        return self._since(seq)
-
-    def _since(self, seq: int) -> set[str]:
         paths: set[str] = set()
         for entry in self.journal[seq - self.base :]:
             paths |= entry
@@ -113,7 +110,7 @@ class Ledger:
                 return None
             spare = self.spares[0]
         self.spares.remove(spare)
-        return spare, self._since(spare.seq)
+        return spare, self.changed_since(spare.seq)
 
     def spare_ready_at(self) -> float | None:
         """When the oldest spare's shorter grace ends (the same sum ``take_spare`` tests,
@@ -213,7 +210,7 @@ class Ledger:
             for spare in self.spares:
                 ready_now = self._past_grace(spare, now) and spare is not protected
                 if ready_now and spare.seq != self.live.seq:
-                    due.catch_up.append((spare, self._since(spare.seq)))
+                    due.catch_up.append((spare, self.changed_since(spare.seq)))
         due.next_due = self.next_due(now)
         return due
 

@@ -98,9 +98,15 @@ class SpareMaker:
             self.ledger.doom(spare.name, self.clock())
             raise
         if not self._to_link:
-            dirs = self._links.dirs_with(self.ledger.changed_since(spare.seq))
-            spare.stamps = stamps(self._fd, spare.name, dirs)
+            self.stamp(spare)
             self.ledger.grown(spare)
+
+    def stamp(self, spare: Snap) -> None:
+        """Note how a spare looks (see fsops.stamps): every directory it holds, the live
+        one's and those of the paths it lacks (a deleted key's directory is still
+        there, and a file planted in it would be served if it went unstamped)."""
+        dirs = self._links.dirs_with(self.ledger.changed_since(spare.seq))
+        spare.stamps = stamps(self._fd, spare.name, dirs)
 
     def _check_made(self, spare: Snap, tree: Tree, live_fd: int) -> None:
         """Raise unless the spare just made holds what we linked and nothing else: it
