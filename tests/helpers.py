@@ -30,6 +30,21 @@ from devtools.local import (  # noqa: F401 - the tests import them from here
     txn_put,
     write_nginx_conf,
 )
+from etcd_config_dispenser.keys import KeyTree
+from etcd_config_dispenser.snapshot import SnapshotWriter
+
+
+def writer_with(target: Path, files: int, **kwargs: object) -> tuple[SnapshotWriter, KeyTree]:
+    """A writer over ``target`` with ``files`` files (k0000, k0001, ...) live and settled,
+    and no housekeeping run yet (no spare made)."""
+    writer = SnapshotWriter(target, **kwargs)  # type: ignore[arg-type]
+    writer.recover()
+    tree = KeyTree()
+    for i in range(files):
+        tree.put(f"k{i:04d}", b"v")
+    writer.publish(tree.files, set(tree.files), 1)
+    writer.settle()
+    return writer, tree
 
 
 class Clock:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Clock, EtcdServer, dir_files, read_tree
+from helpers import Clock, EtcdServer, dir_files, read_tree, writer_with
 
 from etcd_config_dispenser import snapshot
 from etcd_config_dispenser.events import Batch, FullRead
@@ -173,13 +173,7 @@ def test_changes_back_to_back_reuse_spares_instead_of_copying_every_file(
     the rate, and no directory retired less than MIN_GRACE before is ever touched."""
     clock = Clock()
     target = tmp_path / "config"
-    writer = SnapshotWriter(target, clock=clock, sleep=clock.sleep)  # the default graces
-    writer.recover()
-    tree = KeyTree()
-    for i in range(2000):
-        tree.put(f"k{i:04d}", b"0")
-    writer.publish(tree.files, set(tree.files), 1)
-    writer.settle()
+    writer, tree = writer_with(target, 2000, clock=clock, sleep=clock.sleep)  # default graces
     writer.maintain()
     copies: list[str] = []
     real_copy = writer._maker.copy

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import Clock, dir_files, read_tree
+from helpers import Clock, dir_files, read_tree, writer_with
 
 from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.snapshot import SnapshotWriter
@@ -17,14 +17,7 @@ from etcd_config_dispenser.snapshot import SnapshotWriter
 def started(tmp_path: Path, files: int, **kwargs: object) -> tuple[Path, SnapshotWriter, KeyTree]:
     """A writer with ``files`` files live and no spare made yet."""
     target = tmp_path / "config"
-    writer = SnapshotWriter(target, **kwargs)  # type: ignore[arg-type]
-    writer.recover()
-    tree = KeyTree()
-    for i in range(files):
-        tree.put(f"k{i:04d}", b"v")
-    writer.publish(tree.files, set(tree.files), 1)
-    writer.settle()
-    return target, writer, tree
+    return (target, *writer_with(target, files, **kwargs))
 
 
 class TickingClock(Clock):

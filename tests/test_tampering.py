@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import Clock, read_tree
+from helpers import Clock, read_tree, writer_with
 
 from etcd_config_dispenser import housekeeping
 from etcd_config_dispenser.keys import KeyTree
@@ -204,13 +204,7 @@ def test_a_spare_changed_while_it_is_made_is_never_used(tmp_path: Path, what: st
     it or replaces in it meanwhile makes it unusable, never served."""
     clock = Clock()
     target = tmp_path / "config"
-    writer = SnapshotWriter(target, clock=clock, grace=0.1, max_spares=1)
-    writer.recover()
-    tree = KeyTree()
-    for i in range(200):
-        tree.put(f"k{i:03d}", b"v")
-    writer.publish(tree.files, set(tree.files), 1)
-    writer.settle()
+    writer, tree = writer_with(target, 200, clock=clock, grace=0.1, max_spares=1)
     writer.maintain(step=0.0)  # one step: some of the 200 files are linked
     growing = writer.ledger.growing
     assert growing is not None
