@@ -15,7 +15,7 @@ import ctypes.util
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -108,7 +108,7 @@ def unchanged(dir_fd: int, name: str, made: Stamps) -> bool:
     return stamps(dir_fd, name, (rel for rel, *_ in made)) == made
 
 
-def walk(dir_fd: int) -> Iterator[tuple[str, os.DirEntry[str]]]:
+def walk(dir_fd: int) -> Generator[tuple[str, os.DirEntry[str]], None, None]:
     """Every entry under an open directory, as (relative path, entry); links not followed."""
     stack: list[tuple[int, str]] = [(os.dup(dir_fd), "")]
     try:

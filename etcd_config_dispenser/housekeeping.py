@@ -169,8 +169,8 @@ class Housekeeper:
         if ready_at is None or ready_at - now >= copy_takes:
             return False
         while (before := self.clock()) < ready_at:
-            try:  # not its last step: completing a spare (fsync, checks) could outlast the wait
-                self.spares.grow(lambda: self.clock() >= ready_at, complete=False)
+            try:  # a step at a time: no step outlasts the wait by much
+                self.spares.grow(lambda: self.clock() >= ready_at)
             except OSError as err:  # only a spare for later failed
                 self.ledger.grow_failed = True
                 log.warning("could not make a spare: %s", err)

@@ -4,22 +4,114 @@ A spare is a directory holding the live files as hard links, which the next
 change is applied to instead of copying every file (see ``ledger``). Making
 one costs a link per file (40-150 ms at 10,000 files here), so it is made
 GROW_STEP links at a time, between changes and while a change waits for a
-spare's grace, and checked when complete: it was open to anyone with write
-access to the target meanwhile.
+spare's grace, and then checked a step at a time too (``SpareCheck``): it
+was open to anyone with write access to the target meanwhile. No step costs
+more than a fraction of a millisecond, whatever the number of files: a
+change that comes waits for one step at most.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
-from .filemaker import FileMaker
+from .filemaker import ABSENT, FileMaker, has_file
 from .fsops import Tree, open_dir, stamps, walk
 from .layout import snapshot_name
 from .ledger import Ledger, Snap
 from .links import TopLinks
 
 GROW_STEP = 32  # files linked into a spare being made between two looks at the clock
+CHECK_STEP = 128  # entries of a spare checked between two looks at the clock
+DIR_WEIGHT = 8  # a directory counts as that many files in a check step (it is fsynced)
+
+
+class SpareCheck:
+    """Whether a spare just made holds what we linked and nothing else, a step at a time.
+
+    Its directories are stamped first (``fsops.stamps``), then every entry is
+    compared with the live snapshot and every directory fsynced (the links of
+    every step become durable). The stamps become the spare's: an entry changed
+    before the walk passed it is caught by the walk, one changed after by the
+    stamps, when the spare is next used or caught up. So the spare need not
+    stay still for the whole check, only be as we made it where it is used.
+
+    Every live file must be there, same inode, and every entry there must be a
+    live file or one of the live snapshot's directories, except the paths
+    changed since the spare was started (``redone``: rewritten when it is used).
+    """
+
+    def __init__(self, spare: Snap, dirs: set[str]) -> None:
+        self.spare = spare
+        self._dirs = dirs | {""}  # every directory it may hold (see TopLinks.dirs_with)
+        self._to_stamp = sorted(dirs)
+        self._stamping = True
+        self._stamps: set[tuple[str, int, int]] = set()
+        self._walker: Generator[tuple[str, os.DirEntry[str]], None, None] | None = None
+        self._files = 0  # regular files seen by the walk so far
+
+    def close(self) -> None:
+        """Abandon the check (the walk holds open directories)."""
+        if self._walker is not None:
+            self._walker.close()
+            self._walker = None
+
+    def step(self, target_fd: int, live: str, redone: set[str], live_paths: set[str]) -> bool:
+        """The next step; whether the check is over (the spare's stamps are then set).
+        ``live``: the live snapshot now; ``redone``: the paths changed since the spare
+        was started; ``live_paths``: the live snapshot's files. Raises OSError when
+        the spare is not as we made it."""
+        name = self.spare.name
+        if self._stamping:  # the root at each call, and the next CHECK_STEP directories
+            self._stamps |= stamps(target_fd, name, self._to_stamp[-CHECK_STEP:])
+            del self._to_stamp[-CHECK_STEP:]
+            self._stamping = bool(self._to_stamp)
+            return False
+        with Tree(open_dir(name, target_fd)) as spare, Tree(open_dir(live, target_fd)) as src:
+            if self._walker is None:
+                self._walker = walk(spare.fd)  # its own descriptors, kept across steps
+            budget = CHECK_STEP
+            for rel, entry in self._walker:
+                budget -= self._look(spare, src, rel, entry, redone)
+                if budget <= 0:
+                    return False
+            self._walker = None
+            os.fsync(spare.fd)
+            inside = sum(1 for rel in redone if has_file(spare, rel))
+            kept = len(live_paths) - len(live_paths & redone)  # live files it must hold
+            if self._files - inside != kept:
+                raise FileNotFoundError(f"{name} lacks {kept - self._files + inside} live files")
+        self.spare.stamps = frozenset(self._stamps)
+        return True
+
+    def _look(
+        self, spare: Tree, src: Tree, rel: str, entry: os.DirEntry[str], redone: set[str]
+    ) -> int:
+        """Check one entry of the spare; what it cost, in files."""
+        if entry.is_dir(follow_symlinks=False):
+            if rel not in self._dirs:
+                raise FileExistsError(f"{self.spare.name}/{rel} was not made by us: not used")
+            os.fsync(spare.dir(rel))
+            return DIR_WEIGHT
+        if entry.is_file(follow_symlinks=False):
+            self._files += 1
+            if rel in redone or _inode(src, rel) == entry.inode():
+                return 1
+        raise FileExistsError(f"{self.spare.name}/{rel} was not made by us: not used")
+
+
+def _inode(tree: Tree, rel: str) -> int | None:
+    """The inode of the regular file ``rel`` in ``tree``; None if there is none."""
+    try:
+        parent, leaf = tree.parent(rel)
+        st = os.lstat(leaf, dir_fd=parent)
+    except OSError as err:
+        if err.errno in ABSENT:
+            return None
+        raise
+    return st.st_ino if stat.S_ISREG(st.st_mode) else None
 
 
 class SpareMaker:
@@ -40,24 +132,27 @@ class SpareMaker:
         self.clock = clock
         self._to_link: list[str] = []  # what the spare being made still lacks
         self._purged = 0  # the spare being made holds no path changed since this sequence
+        self.checking: SpareCheck | None = None  # of the spare made, once every file is linked
 
-    def grow(self, stop: Callable[[], bool], complete: bool = True) -> None:
+    def grow(self, stop: Callable[[], bool]) -> None:
         """Make the spares the ledger wants: hard links to the live files in a new
-        directory, GROW_STEP at a time, until ``stop()`` says so (checked after each
-        step); the rest next time.
+        directory, GROW_STEP at a time, then checked (``SpareCheck``), until
+        ``stop()`` says so (asked after each step); the rest next time.
 
         The live snapshot may change between steps: each step links from the one
         live then, and the spare counts as of the sequence it started at, so the
         paths changed since are redone when it is used or caught up (``ledger``).
         Without a spare, the first change after start-up would pay for a copy of
         every file before its signal. No reader ever saw it: it has no grace period.
-        ``complete``: False leaves the last step (see ``wait_for_spare``).
         """
         ledger = self.ledger
         while True:  # one step at least, whatever the clock says
             live = ledger.live
             if live is None:
                 return
+            if self.checking is not None and self.checking.spare is not ledger.growing:
+                self.checking.close()  # doomed meanwhile (a rollback, a failed step)
+                self.checking = None
             if ledger.growing is None:
                 if not ledger.to_grow():
                     return
@@ -66,14 +161,15 @@ class SpareMaker:
                 ledger.growing = Snap(name, live.seq, live.revision)
                 self._to_link = list(self._links.live_paths)
                 self._purged = live.seq
-            if not complete and len(self._to_link) <= GROW_STEP:
-                return
-            self._grow_step(ledger.growing, live)
+            if self._to_link:
+                self._grow_step(ledger.growing, live)
+            else:
+                self._check_step(ledger.growing, live)
             if stop():
                 return
 
     def _grow_step(self, spare: Snap, live: Snap) -> None:
-        """Link the next GROW_STEP files of the spare being made; complete it after the last."""
+        """Link the next GROW_STEP files of the spare being made."""
         batch = self._to_link[-GROW_STEP:]
         started = time.monotonic()  # the real cost, whatever clock the ledger uses
         try:
@@ -91,14 +187,26 @@ class SpareMaker:
                         raise FileNotFoundError(f"{rel!r} is missing from {live.name!r}")
                 self._maker.timed(len(batch), time.monotonic() - started)
                 del self._to_link[-GROW_STEP:]
-                if not self._to_link:
-                    self._check_made(spare, tree, src.fd)
-                    tree.sync()  # every directory of it: the links of every step
         except OSError:
             self.ledger.doom(spare.name, self.clock())
             raise
-        if not self._to_link:
-            self.stamp(spare)
+
+    def _check_step(self, spare: Snap, live: Snap) -> None:
+        """The next step of the check of a spare whose files are all linked; once it is
+        over, the spare joins the rotation (and is caught up at the next housekeeping:
+        the check changes nothing, so paths changed meanwhile wait for that)."""
+        redone = self.ledger.changed_since(spare.seq)
+        if self.checking is None:
+            self.checking = SpareCheck(spare, self._links.dirs_with(redone))
+        try:
+            done = self.checking.step(self._fd, live.name, redone, self._links.live_paths)
+        except OSError:
+            self.checking.close()
+            self.checking = None
+            self.ledger.doom(spare.name, self.clock())
+            raise
+        if done:
+            self.checking = None
             self.ledger.grown(spare)
 
     def stamp(self, spare: Snap) -> None:
@@ -107,35 +215,3 @@ class SpareMaker:
         there, and a file planted in it would be served if it went unstamped)."""
         dirs = self._links.dirs_with(self.ledger.changed_since(spare.seq))
         spare.stamps = stamps(self._fd, spare.name, dirs)
-
-    def _check_made(self, spare: Snap, tree: Tree, live_fd: int) -> None:
-        """Raise unless the spare just made holds what we linked and nothing else: it
-        was open to anyone with write access to the target while it was made, a step
-        at a time (reused spares are checked by their stamps; this one has none yet).
-        Every live file must be there (same inode) and every file there must be a
-        live one, except the paths changed since the spare was started, which are
-        rewritten when it is used anyway. Its directories are opened in ``tree``,
-        for the caller's fsync of each."""
-        live_files, live_dirs = {}, set()
-        for rel, entry in walk(live_fd):
-            if entry.is_dir(follow_symlinks=False):
-                live_dirs.add(rel)
-            elif entry.is_file(follow_symlinks=False):
-                live_files[rel] = entry.inode()
-        redone = self.ledger.changed_since(spare.seq)
-        made: dict[str, int] = {}
-        for rel, entry in walk(tree.fd):
-            if entry.is_dir(follow_symlinks=False):
-                ok = rel in live_dirs or any(p.startswith(rel + "/") for p in redone)
-                tree.dir(rel)
-            elif entry.is_file(follow_symlinks=False):
-                made[rel] = entry.inode()
-                ok = rel in redone or live_files.get(rel) == entry.inode()
-            else:
-                ok = False
-            if not ok:
-                raise FileExistsError(f"{spare.name}/{rel} was not made by us: not used")
-        paths = self._links.live_paths  # what the live one holds, as far as we know
-        lost = [r for r in paths if r not in redone and made.get(r, 0) != live_files.get(r)]
-        if lost:
-            raise FileNotFoundError(f"{spare.name}/{lost[0]} is missing: not used")

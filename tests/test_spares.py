@@ -1,16 +1,23 @@
-"""Spares made a few links at a time between changes (housekeeping.Housekeeper.grow), and
-the wait of a change for a spare's shorter grace: what an adversarial pass broke once."""
+"""Spares made a few links at a time between changes (spares.SpareMaker.grow) and checked
+a step at a time (spares.SpareCheck), and the wait of a change for a spare's shorter
+grace: what an adversarial pass broke once, and what someone sharing the target may do
+to a spare at any step of its check."""
 
 from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 from helpers import Clock, dir_files, read_tree, writer_with
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from etcd_config_dispenser import spares
 from etcd_config_dispenser.keys import KeyTree
+from etcd_config_dispenser.layout import DATA_LINK
 from etcd_config_dispenser.snapshot import SnapshotWriter
 
 
@@ -110,3 +117,117 @@ def test_a_key_deleted_while_a_spare_is_made_leaves_it_at_the_next_step(tmp_path
     clock.now += 1
     writer.publish(tree.files, tree.put("k0001", b"x"), 3)
     assert read_tree(target) == tree.files
+
+
+def checked_spare(target: Path, writer: SnapshotWriter) -> Path:
+    """Run housekeeping a step at a time until the spare being made is linked whole and
+    its check has begun; the spare."""
+    maker = writer._housekeeper.spares
+    while maker.checking is None:
+        writer.maintain(step=0.0)
+    growing = writer.ledger.growing
+    assert growing is not None
+    return target / growing.name
+
+
+def test_a_spare_is_checked_a_step_at_a_time_and_then_joins_the_rotation(tmp_path: Path) -> None:
+    """The check of a spare of 2,000 files (stamps, a walk, an fsync per directory) is
+    spread over steps of CHECK_STEP entries: a change waits for one of them at most."""
+    target = tmp_path / "config"
+    writer, tree = writer_with(target, 2000, max_spares=1)
+    spare = checked_spare(target, writer)
+    steps = 0
+    while writer.ledger.growing is not None:
+        writer.maintain(step=0.0)
+        steps += 1
+    assert steps > 2000 // spares.CHECK_STEP
+    assert [s.name for s in writer.ledger.spares] == [spare.name]  # checked: in the rotation
+    writer.publish(tree.files, tree.put("k0001", b"new"), 2)
+    assert not spare.exists()  # used by the next change: renamed into place
+    assert read_tree(target) == tree.files
+
+
+ACTIONS = ["none", "plant file", "plant dir", "plant empty dir", "plant link"]
+ACTIONS += ["replace file", "remove file"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dirs=st.integers(1, 5),
+    per_dir=st.integers(1, 60),
+    steps=st.integers(0, 24),  # steps (links, stamps, walk) before someone acts
+    action=st.sampled_from(ACTIONS),
+    where=st.integers(0, 10**6),  # which directory or file it acts on
+    changes=st.dictionaries(st.integers(0, 24), st.tuples(st.integers(0, 10**6), st.booleans())),
+)
+def test_a_spare_changed_at_any_step_of_its_check_is_never_used(
+    dirs: int,
+    per_dir: int,
+    steps: int,
+    action: str,
+    where: int,
+    changes: dict[int, tuple[int, bool]],
+) -> None:
+    """Whatever someone adds, replaces or removes in a spare, while it is linked, stamped,
+    or walked before or after the walk reaches that place, while changes (puts, deletes)
+    go live between the steps: the spare is never used, nothing planted is served, and a
+    spare nobody touched is used (no false alarm)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = Clock()
+        target = Path(tmp) / "config"
+        writer = SnapshotWriter(target, clock=clock, max_spares=1)
+        writer.recover()
+        tree = KeyTree()
+        for d in range(dirs):
+            for i in range(per_dir):
+                tree.put(f"d{d}/k{i:02d}", b"v")
+        writer.publish(tree.files, set(tree.files), 1)
+        writer.settle()
+        writer.maintain(step=0.0)  # the spare's first links
+        assert writer.ledger.growing is not None
+        spare = target / writer.ledger.growing.name
+        revision = 1
+        for step in range(steps):
+            writer.maintain(step=0.0)
+            if writer.ledger.growing is None:
+                break  # checked (not used: it is acted on next, in the rotation)
+            if step in changes:  # a change goes live between two steps
+                pick, delete = changes[step]
+                keys = sorted(tree.files)
+                if len(keys) > 1:
+                    key = keys[pick % len(keys)]
+                    revision += 1
+                    paths = tree.delete(key) if delete else tree.put(key, b"r%d" % revision)
+                    writer.publish(tree.files, paths, revision)
+                    writer.settle()
+        subdirs = sorted(p for p in spare.rglob("*") if p.is_dir() and not p.is_symlink())
+        files = sorted(p for p in spare.rglob("*") if p.is_file() and not p.is_symlink())
+        place = subdirs[where % len(subdirs)] if subdirs else spare
+        if action == "plant file":
+            (place / "evil").write_bytes(b"EVIL")
+        elif action == "plant dir":
+            (place / "evil").mkdir()
+            (place / "evil" / "x").write_bytes(b"EVIL")
+        elif action == "plant empty dir":  # served as an empty directory, if used
+            (place / "evil").mkdir()
+        elif action == "plant link":
+            os.symlink("/etc/passwd", place / "evil")
+        elif action == "replace file" and files:
+            victim = files[where % len(files)]
+            victim.unlink()
+            victim.write_bytes(b"EVIL")
+        elif action == "remove file" and files:
+            files[where % len(files)].unlink()
+        while writer.ledger.growing is not None:
+            writer.maintain(step=0.0)
+        clock.now += 1
+        writer.maintain()  # catch-ups, the extra spares of the changes deleted
+        there = spare.is_dir()  # else found out and removed already
+        revision += 1
+        writer.publish(tree.files, tree.put("d0/new", b"n"), revision)
+        used = there and not spare.exists()  # renamed into place (else doomed, still there)
+        assert used == (
+            action == "none" or (action in ("replace file", "remove file") and not files)
+        )
+        assert read_tree(target) == tree.files
+        assert "evil" not in {p.name for p in (target / DATA_LINK).rglob("*")}
