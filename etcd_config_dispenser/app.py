@@ -90,7 +90,8 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     supervisor = Supervisor(options.command, env, options.kill_timeout)
     inbox: queue.Queue[Event] = queue.Queue()
     stopping = threading.Event()  # set on the way out: a --check still running is killed
-    session = EtcdSession(EtcdSource(etcd, options.prefix), inbox, stats, options.backoff_max)
+    source = EtcdSource(etcd, options.prefix)  # a full read's values spool in the target's fs
+    session = EtcdSession(source, inbox, stats, options.backoff_max, spool_dir=str(options.target))
     hook: OnChange | None = None
     if options.on_change:
         hook = OnChange(

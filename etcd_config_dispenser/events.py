@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .values import Value
+
 
 @dataclass(frozen=True)
 class Change:
@@ -21,10 +23,10 @@ class Batch:
 
 @dataclass(frozen=True)
 class FullRead:
-    """Every key under the prefix at one revision."""
+    """Every key under the prefix at one revision (values spooled: see ``values``)."""
 
     revision: int
-    kvs: list[tuple[bytes, bytes]]
+    kvs: list[tuple[bytes, Value]]
 
 
 @dataclass(frozen=True)

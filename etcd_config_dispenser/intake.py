@@ -13,6 +13,7 @@ from .events import Batch, FullRead
 from .keys import InvalidKey, KeyTree, key_to_relpath, show
 from .logs import fields
 from .rules import KeySelection
+from .values import Value
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class KeyIntake:
                     )
         return changed
 
-    def _resync(self, revision: int, kvs: Iterable[tuple[bytes, bytes]]) -> set[str]:
+    def _resync(self, revision: int, kvs: Iterable[tuple[bytes, Value]]) -> set[str]:
         """Replace the whole key tree with a full read; the paths that differ."""
         tree = KeyTree()
         self._invalid = set()
@@ -93,9 +94,8 @@ class KeyIntake:
                 show(shadow),
                 extra=fields("key_skipped", revision=revision),
             )
-        old, new = self.tree.files, tree.files
-        self.tree = tree
-        return {p for p in old.keys() | new.keys() if old.get(p) != new.get(p)}
+        old, self.tree = self.tree, tree
+        return old.differs(tree)
 
     @property
     def skipped(self) -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from .layout import RESERVED_PREFIX
+from .values import Value, ValueView, same
 
 MAX_NAME = 255  # bytes in one path segment (NAME_MAX on Linux filesystems)
 MAX_PATH = 4096  # bytes in a whole path (PATH_MAX)
@@ -106,7 +106,6 @@ def ancestors(path: str) -> Iterable[str]:
         index = path.find("/", index + 1)
 
 
-@dataclass
 class KeyTree:
     """Every valid key under the prefix, and which of them are files on disk.
 
@@ -118,12 +117,24 @@ class KeyTree:
     gives the same files.
 
     Updates cost O(depth + affected keys), not O(all keys): a one-key change
-    at 10,000 keys must cost about what it costs at 100.
+    at 10,000 keys must cost about what it costs at 100. Values are bytes or
+    spooled (``values``): compared by digest, read only when asked for.
     """
 
-    values: dict[str, bytes] = field(default_factory=dict)  # every valid key
-    files: dict[str, bytes] = field(default_factory=dict)  # the visible ones
-    _sorted: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.values: dict[str, Value] = {}  # every valid key
+        self._files: dict[str, Value] = {}  # the visible ones
+        self._sorted: list[str] = []
+
+    @property
+    def files(self) -> ValueView:
+        """The visible keys' values, by path (spooled ones read when asked for)."""
+        return ValueView(self._files)
+
+    def differs(self, other: KeyTree) -> set[str]:
+        """The file paths whose content or presence differs between two trees."""
+        old, new = self._files, other._files
+        return {p for p in old.keys() | new.keys() if not same(old.get(p), new.get(p))}
 
     def shadowing_key(self, path: str) -> str | None:
         """The shallower key that hides ``path``, if any."""
@@ -138,22 +149,22 @@ class KeyTree:
         end = bisect.bisect_left(self._sorted, path + "0")
         return self._sorted[start:end]
 
-    def put(self, path: str, value: bytes) -> set[str]:
+    def put(self, path: str, value: Value) -> set[str]:
         """Set a key; return the file paths whose content or presence changed."""
         if path in self.values:
             self.values[path] = value
-            if path in self.files and self.files[path] != value:
-                self.files[path] = value
+            if path in self._files and not same(self._files[path], value):
+                self._files[path] = value
                 return {path}
             return set()
         bisect.insort(self._sorted, path)
         self.values[path] = value
         if self.shadowing_key(path) is not None:
             return set()
-        self.files[path] = value
+        self._files[path] = value
         changed = {path}
         for descendant in self._descendants(path):
-            if self.files.pop(descendant, None) is not None:
+            if self._files.pop(descendant, None) is not None:
                 changed.add(descendant)
         return changed
 
@@ -163,12 +174,12 @@ class KeyTree:
             return set()
         del self.values[path]
         del self._sorted[bisect.bisect_left(self._sorted, path)]
-        if self.files.pop(path, None) is None:
+        if self._files.pop(path, None) is None:
             return set()
         changed = {path}
         for descendant in self._descendants(path):
             if self.shadowing_key(descendant) is None:
-                self.files[descendant] = self.values[descendant]
+                self._files[descendant] = self.values[descendant]
                 changed.add(descendant)
         return changed
 
@@ -177,5 +188,5 @@ class KeyTree:
         return [
             (path, shadow)
             for path in self.values
-            if path not in self.files and (shadow := self.shadowing_key(path)) is not None
+            if path not in self._files and (shadow := self.shadowing_key(path)) is not None
         ]

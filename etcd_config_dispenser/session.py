@@ -21,6 +21,7 @@ from .events import Ended, Event, FullRead
 from .health import Stats
 from .logs import fields
 from .source import Compacted, EtcdSource, EtcdUnavailable
+from .values import kept, open_spool
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ class EtcdSession:
         backoff_max: float = 30.0,
         liveness_interval: float = LIVENESS_INTERVAL,
         sleep: Callable[[float], None] | None = None,
+        spool_dir: str | None = None,
     ) -> None:
         self.source = source
+        self.spool_dir = spool_dir  # where a full read's values go (see values): the target
         self.inbox = inbox
         self.stats = stats
         self.backoff_max = backoff_max
@@ -118,7 +121,8 @@ class EtcdSession:
         if self.stopping.is_set():
             return
         self.source.connect()
-        revision, kvs = self.source.read_all()
+        everything = self._read_all()
+        revision = everything.revision
         log.info(
             "r%d: connected to %s",
             revision,
@@ -126,7 +130,8 @@ class EtcdSession:
             extra=fields("connected", revision=revision),
         )
         self.stats.etcd_answered(reconnect=True)
-        self.inbox.put(FullRead(revision, kvs))
+        self.inbox.put(everything)
+        del everything  # the spool goes with its last value: this frame must not hold one
         started = time.monotonic()
         watching = threading.Event()
         threading.Thread(
@@ -152,6 +157,11 @@ class EtcdSession:
             )
         finally:
             watching.set()
+
+    def _read_all(self) -> FullRead:
+        """Every key, the values spooled (one spool per full read: see ``values``)."""
+        spool = open_spool(self.spool_dir)
+        return FullRead(*self.source.read_all(lambda values: kept(spool, values)))
 
     def _check_liveness(self, done: threading.Event) -> None:
         """While the watch runs: cut it if etcd stops answering a cheap read."""

@@ -15,7 +15,7 @@ import queue
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from etcd3.etcdrpc import kv_pb2
 
 from .config import Endpoint, EtcdConfig
 from .events import Batch, Change
+from .values import Value
 
 log = logging.getLogger(__name__)
 
@@ -181,17 +182,20 @@ class EtcdSource:
             self._index += 1
         return EtcdUnavailable(describe(err, endpoint))
 
-    def read_all(self) -> tuple[int, list[tuple[bytes, bytes]]]:
+    def read_all(
+        self, keep: Callable[[list[bytes]], Sequence[Value]] = list
+    ) -> tuple[int, list[tuple[bytes, Value]]]:
         """Every key under the prefix and the one revision they are all at.
 
         Read in pages of READ_PAGE keys, every page after the first pinned to
         the first one's revision, so the result is one consistent view while
         only one page is in memory twice (as protobuf and as Python objects).
+        ``keep``: how a page's values are kept (``values.kept``: spooled).
         """
         client = self.connected_client()
         end = range_end(self.prefix)
         start, revision = self.prefix, 0
-        items: list[tuple[bytes, bytes]] = []
+        items: list[tuple[bytes, Value]] = []
         while True:
             request = rpc.RangeRequest(key=start, range_end=end, limit=READ_PAGE, revision=revision)
             try:
@@ -199,7 +203,8 @@ class EtcdSource:
             except grpc.RpcError as err:
                 raise self._fail(err) from None
             revision = revision or int(response.header.revision)
-            items.extend((kv.key, kv.value) for kv in response.kvs)
+            values = keep([kv.value for kv in response.kvs])
+            items.extend(zip([kv.key for kv in response.kvs], values, strict=True))
             if not response.more or not response.kvs:
                 return revision, items
             start = response.kvs[-1].key + b"\0"

@@ -22,6 +22,7 @@ LAYERS = [
     "logs",  # log format and fields
     "layout",  # the on-disk names
     "fsops",  # filesystem primitives
+    "values",  # values in memory or spooled to a file
     "keys",  # key -> path rules
     "rules",  # the operator's globs: keys taken, file modes
     "certs",  # certificate pairs, the gate's rules, expiry; pure

@@ -1,0 +1,152 @@
+"""Where the values of a full read are kept: in a spool file, not in memory.
+
+A full read brings every value at once (10 MB at 10,000 keys of 1 KiB, 50 MB
+at 50,000), and they stay current until etcd changes them, which for most keys
+is never: held in memory, they set the process's size. So the session writes
+each page of a full read to a spool as it arrives, and the key tree keeps, per
+key, only where its value is and its digest (about 150 bytes): memory grows
+with the number of keys, not with their size. Values that arrive in watch
+responses are few and stay in memory.
+
+The spool is an unnamed file (``O_TMPFILE``) on the target's filesystem,
+where the values are going anyway: nobody can open it by a name (the target
+is shared territory), and it goes when the last value in it is replaced. It
+costs disk (or, on tmpfs, memory outside the process) the size of the values
+of the full read. Where ``O_TMPFILE`` is not supported, or the spool cannot be
+written (a full disk), values stay in memory, as before: never a failure.
+
+A value read back is checked against its digest (a spool changed under us,
+or a failing disk, raises ``OSError``, never serves another value).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+DIGEST_SIZE = 16  # bytes of BLAKE2b: equal digests are equal values, for all purposes
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+class Spool:
+    """An unnamed file of values, appended to a page at a time; closed with its last value."""
+
+    def __init__(self, directory: str) -> None:
+        self._fd = -1
+        self._fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        self._size = 0
+
+    def __del__(self) -> None:  # no value refers to it any more: its space is freed
+        if self._fd >= 0:
+            os.close(self._fd)
+
+    def add(self, values: Sequence[bytes]) -> list[Spooled]:
+        """Append ``values`` (one write); where each one is."""
+        blob = memoryview(b"".join(values))
+        offset = self._size
+        while blob:
+            written = os.pwrite(self._fd, blob, offset)
+            blob, offset = blob[written:], offset + written
+        refs, offset = [], self._size
+        for value in values:
+            refs.append(Spooled(self, offset, len(value), digest(value)))
+            offset += len(value)
+        self._size = offset
+        return refs
+
+    def read(self, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd, size, offset)
+        while len(data) < size:  # short reads: only at the end of a file, which this is not
+            more = os.pread(self._fd, size - len(data), offset + len(data))
+            if not more:
+                raise OSError(errno.EIO, "the spool of values is shorter than written")
+            data += more
+        return data
+
+
+class Spooled:
+    """A value in a spool: where it is, and its digest (to compare without reading it)."""
+
+    __slots__ = ("digest", "offset", "size", "spool")
+
+    def __init__(self, spool: Spool, offset: int, size: int, value_digest: bytes) -> None:
+        self.spool = spool
+        self.offset = offset
+        self.size = size
+        self.digest = value_digest
+
+    def read(self) -> bytes:
+        data = self.spool.read(self.offset, self.size)
+        if digest(data) != self.digest:
+            raise OSError(errno.EIO, "a spooled value changed since it was written")
+        return data
+
+
+Value = bytes | Spooled
+
+
+def open_spool(directory: str | None) -> Spool | None:
+    """A spool in ``directory``; None where there can be none (values then stay in memory)."""
+    if directory is None:
+        return None
+    try:
+        return Spool(directory)
+    except OSError:  # no O_TMPFILE on this filesystem (EOPNOTSUPP, EISDIR), gone...
+        return None
+
+
+def kept(spool: Spool | None, values: Sequence[bytes]) -> Sequence[Value]:
+    """``values`` as kept: spooled if they can be, else as they are (in memory)."""
+    if spool is None or not values:
+        return values
+    try:
+        return spool.add(values)
+    except OSError:  # a full disk: these stay in memory
+        return values
+
+
+def as_bytes(value: Value) -> bytes:
+    return value if isinstance(value, bytes) else value.read()
+
+
+def same(a: Value | None, b: Value | None) -> bool:
+    """Whether two values are equal (by digest when either is spooled: no read)."""
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, bytes) and isinstance(b, bytes):
+        return a == b
+    if _size(a) != _size(b):
+        return False
+    return _digest(a) == _digest(b)
+
+
+def _size(value: Value) -> int:
+    return len(value) if isinstance(value, bytes) else value.size
+
+
+def _digest(value: Value) -> bytes:
+    return digest(value) if isinstance(value, bytes) else value.digest
+
+
+class ValueView(Mapping[str, bytes]):
+    """A mapping of paths to values, as bytes: spooled ones are read when asked for."""
+
+    def __init__(self, values: Mapping[str, Value]) -> None:
+        self._values = values
+
+    def __getitem__(self, path: str) -> bytes:
+        return as_bytes(self._values[path])
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)

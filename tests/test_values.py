@@ -1,0 +1,190 @@
+"""A full read's values spooled to an unnamed file (values.py): read back whole or not at
+all, compared by digest, freed with the last value, and never a failure (in memory when
+there can be no spool). Unit tests on a temporary directory; then a real etcd, and the
+real dispenser."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import DispenserProcess, busy_wait
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from etcd_config_dispenser.config import load
+from etcd_config_dispenser.events import Event, FullRead
+from etcd_config_dispenser.health import Stats
+from etcd_config_dispenser.keys import KeyTree
+from etcd_config_dispenser.session import EtcdSession
+from etcd_config_dispenser.source import EtcdSource
+from etcd_config_dispenser.values import Spool, Spooled, Value, ValueView, kept, open_spool, same
+
+
+def spool_fds(pid: int | str, directory: Path) -> list[str]:
+    """The unnamed files in ``directory`` a process holds open (O_TMPFILE shows as
+    ``DIR/#INODE (deleted)``)."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith(f"{directory}/#") and link.endswith("(deleted)"):
+            found.append(link)
+    return found
+
+
+def test_values_read_back_as_written_and_nobody_sees_the_spool(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path))
+    values = [b"", b"a" * 5000, bytes(range(256)), b"x"]
+    refs = spool.add(values) + spool.add([b"second page"])
+    assert [r.read() for r in refs] == [*values, b"second page"]
+    assert os.listdir(tmp_path) == []  # no name in the directory: nothing to open or replace
+    assert len(spool_fds("self", tmp_path)) == 1
+
+
+def test_a_spool_is_closed_with_its_last_value(tmp_path: Path) -> None:
+    refs = Spool(str(tmp_path)).add([b"a", b"b"])
+    assert len(spool_fds("self", tmp_path)) == 1
+    first = refs[0]
+    del refs
+    gc.collect()
+    assert len(spool_fds("self", tmp_path)) == 1  # one value still refers to it
+    assert first.read() == b"a"
+    del first
+    gc.collect()
+    assert spool_fds("self", tmp_path) == []
+
+
+def test_a_spooled_value_changed_under_us_is_never_read_as_another(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path))
+    ref = spool.add([b"secret-1"])[0]
+    os.pwrite(spool._fd, b"SECRET-2", ref.offset)  # a failing disk, or someone with our fd
+    with pytest.raises(OSError) as caught:
+        ref.read()
+    assert caught.value.errno == errno.EIO
+
+
+def test_values_stay_in_memory_when_there_can_be_no_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No O_TMPFILE there (or no such directory), or a full disk: never a failure."""
+    assert open_spool(str(tmp_path / "missing")) is None
+    assert open_spool(None) is None
+    assert kept(None, [b"a"]) == [b"a"]
+    spool = open_spool(str(tmp_path))
+    assert spool is not None
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    assert kept(spool, [b"a", b"b"]) == [b"a", b"b"]
+
+
+def as_value(spool: Spool, data: bytes, spooled: bool) -> Value:
+    return spool.add([data])[0] if spooled else data
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    a=st.binary(max_size=40),
+    b=st.binary(max_size=40),
+    a_spooled=st.booleans(),
+    b_spooled=st.booleans(),
+)
+def test_values_are_the_same_exactly_when_their_bytes_are(
+    tmp_path_factory: pytest.TempPathFactory, a: bytes, b: bytes, a_spooled: bool, b_spooled: bool
+) -> None:
+    spool = Spool(str(tmp_path_factory.getbasetemp()))
+    x, y = as_value(spool, a, a_spooled), as_value(spool, b, b_spooled)
+    assert same(x, y) == (a == b)
+    assert same(x, None) is False and same(None, None) is True
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    old=st.dictionaries(st.sampled_from(["a", "b", "c/d", "c/e", "f"]), st.binary(max_size=3)),
+    new=st.dictionaries(st.sampled_from(["a", "b", "c/d", "c/e", "f"]), st.binary(max_size=3)),
+    spooled=st.lists(st.booleans(), min_size=10, max_size=10),
+)
+def test_a_tree_of_spooled_values_changes_exactly_where_bytes_differ(
+    tmp_path_factory: pytest.TempPathFactory,
+    old: dict[str, bytes],
+    new: dict[str, bytes],
+    spooled: list[bool],
+) -> None:
+    """A resync compares the old tree with the new one, and a put the old value with the
+    new one, whether either is spooled or in memory: the same files change as with bytes."""
+    spool = Spool(str(tmp_path_factory.getbasetemp()))
+    trees = []
+    for offset, values in ((0, old), (5, new)):
+        tree = KeyTree()
+        for i, (path, value) in enumerate(sorted(values.items())):
+            tree.put(path, as_value(spool, value, spooled[offset + i]))
+        trees.append(tree)
+    plain_old, plain_new = KeyTree(), KeyTree()
+    for path, value in old.items():
+        plain_old.put(path, value)
+    for path, value in new.items():
+        plain_new.put(path, value)
+    assert trees[0].differs(trees[1]) == plain_old.differs(plain_new)
+    assert dict(trees[1].files) == dict(plain_new.files)  # read back as bytes
+    for path, value in new.items():  # a put of what is there already changes nothing
+        if path in trees[1].files:
+            assert trees[1].put(path, value) == set()
+
+
+def test_a_view_reads_spooled_values_only_when_asked(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path))
+    view = ValueView({"a": b"1", "b": spool.add([b"2"])[0]})
+    assert len(view) == 2 and "b" in view and "c" not in view
+    assert view == {"a": b"1", "b": b"2"}
+    assert view.get("c") is None
+
+
+def test_a_full_read_from_etcd_is_spooled(
+    etcd_server: object, etcd: object, prefix: str, tmp_path: Path
+) -> None:
+    """Pages of a real full read (250 keys: 3 pages) go to one spool, whole."""
+    items = {f"{prefix}k{i:03d}": os.urandom(100) + b"%d" % i for i in range(250)}
+    for key, value in items.items():
+        etcd.put(key, value)  # type: ignore[attr-defined]
+    endpoint = etcd_server.endpoint  # type: ignore[attr-defined]
+    source = EtcdSource(load({"ETCD_ENDPOINTS": endpoint}), prefix.encode())
+    inbox: queue.Queue[Event] = queue.Queue()
+    session = EtcdSession(source, inbox, Stats(), spool_dir=str(tmp_path))
+    threading.Thread(target=session.run, daemon=True).start()
+    try:
+        event = inbox.get(timeout=10)
+    finally:
+        session.stop()
+    assert isinstance(event, FullRead)
+    assert all(isinstance(value, Spooled) for _key, value in event.kvs)
+    assert len({id(value.spool) for _key, value in event.kvs}) == 1  # type: ignore[union-attr]
+    assert {k.decode(): v.read() for k, v in event.kvs} == items  # type: ignore[union-attr]
+
+
+def test_the_dispenser_spools_its_full_read_and_frees_it_with_the_last_value(
+    etcd: object, prefix: str, target: Path, dispenser: Callable[..., DispenserProcess]
+) -> None:
+    """The real process: the values of its first read are in an unnamed file on the target's
+    filesystem, not in its memory, and that file goes once etcd replaced them all."""
+    for name in ("a", "b", "c"):
+        etcd.put(prefix + name, b"first " + name.encode())  # type: ignore[attr-defined]
+    proc = dispenser("sleep", "1000")
+    busy_wait(lambda: (target / "c").exists())
+    pid = proc.proc.pid
+    assert len(spool_fds(pid, target)) == 1
+    for name in ("a", "b", "c"):
+        etcd.put(prefix + name, b"second " + name.encode())  # type: ignore[attr-defined]
+    busy_wait(lambda: (target / "c").read_bytes() == b"second c")
+    busy_wait(lambda: spool_fds(pid, target) == [])
+    assert (target / "a").read_bytes() == b"second a"
