@@ -8,23 +8,35 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 from .events import Batch, FullRead
 from .keys import InvalidKey, KeyTree, key_to_relpath, show
 from .logs import fields
 from .rules import KeySelection
-from .values import Value
+from .values import Value, open_spool
 
 log = logging.getLogger(__name__)
+
+# Bytes of values from watch responses held in memory before they are spooled:
+# a few changes' worth, so that the next change rarely reads back its neighbours.
+SPILL_BYTES = 1 << 20
 
 
 class KeyIntake:
     """Applies full reads and watch batches to a KeyTree under the key rules."""
 
-    def __init__(self, prefix: bytes, max_path: int, selection: KeySelection | None = None) -> None:
+    def __init__(
+        self,
+        prefix: bytes,
+        max_path: int,
+        selection: KeySelection | None = None,
+        spool_dir: str | Path | None = None,
+    ) -> None:
         self.prefix = prefix
         self.max_path = max_path
         self.selection = selection or KeySelection()  # --include/--exclude
+        self.spool_dir = None if spool_dir is None else str(spool_dir)  # see ``spill``
         self.tree = KeyTree()
         self._invalid: set[bytes] = set()  # keys in etcd now that the key rules refuse
 
@@ -96,6 +108,21 @@ class KeyIntake:
             )
         old, self.tree = self.tree, tree
         return old.differs(tree)
+
+    def spill(self) -> None:
+        """Spool the values held in memory once they pass SPILL_BYTES: values from watch
+        responses add up (every certificate renewed once), and memory must grow with
+        the number of keys, not their size (see ``values``). One spool per spill; each
+        goes with its last value. Where there can be no spool, they stay in memory."""
+        if self.tree.held < SPILL_BYTES:
+            return
+        spool = open_spool(self.spool_dir)
+        if spool is None:
+            return
+        try:
+            self.tree.spill(spool)
+        except OSError as err:  # a full disk: they stay in memory for now
+            log.debug("could not spool the values held in memory: %s", err)
 
     @property
     def skipped(self) -> int:

@@ -10,7 +10,7 @@ import bisect
 from collections.abc import Iterable
 
 from .layout import RESERVED_PREFIX
-from .values import Value, ValueView, same
+from .values import Spool, Value, ValueView, same
 
 MAX_NAME = 255  # bytes in one path segment (NAME_MAX on Linux filesystems)
 MAX_PATH = 4096  # bytes in a whole path (PATH_MAX)
@@ -125,6 +125,23 @@ class KeyTree:
         self.values: dict[str, Value] = {}  # every valid key
         self._files: dict[str, Value] = {}  # the visible ones
         self._sorted: list[str] = []
+        self.held = 0  # bytes of the values held in memory (not spooled)
+
+    def _set(self, path: str, value: Value) -> None:
+        old = self.values.get(path)
+        self.held += (len(value) if isinstance(value, bytes) else 0) - (
+            len(old) if isinstance(old, bytes) else 0
+        )
+        self.values[path] = value
+
+    def spill(self, spool: Spool) -> None:
+        """Move the values held in memory to ``spool`` (raises OSError: then they stay)."""
+        held = [(p, v) for p, v in self.values.items() if isinstance(v, bytes)]
+        refs = spool.add([v for _p, v in held])
+        for (path, _value), ref in zip(held, refs, strict=True):
+            self._set(path, ref)
+            if path in self._files:
+                self._files[path] = ref
 
     @property
     def files(self) -> ValueView:
@@ -152,13 +169,15 @@ class KeyTree:
     def put(self, path: str, value: Value) -> set[str]:
         """Set a key; return the file paths whose content or presence changed."""
         if path in self.values:
-            self.values[path] = value
-            if path in self._files and not same(self._files[path], value):
+            if same(self.values[path], value):
+                return set()  # and the value kept as it is (spooled, perhaps)
+            self._set(path, value)
+            if path in self._files:
                 self._files[path] = value
                 return {path}
             return set()
         bisect.insort(self._sorted, path)
-        self.values[path] = value
+        self._set(path, value)
         if self.shadowing_key(path) is not None:
             return set()
         self._files[path] = value
@@ -172,6 +191,7 @@ class KeyTree:
         """Remove a key; return the file paths whose content or presence changed."""
         if path not in self.values:
             return set()
+        self._set(path, b"")
         del self.values[path]
         del self._sorted[bisect.bisect_left(self._sorted, path)]
         if self._files.pop(path, None) is None:

@@ -220,7 +220,7 @@ class Publisher:
         self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
         self.clock = clock
         rules = rules or Rules()
-        self.keys = KeyIntake(prefix, max_key_path(writer.target), rules.selection)
+        self.keys = KeyIntake(prefix, max_key_path(writer.target), rules.selection, writer.target)
         self.required = RequiredKeys(rules.required, stats)  # no snapshot without them
         self.listeners = rules.listeners  # told of each change made live: --on-change, status
         self.gate = CertificateGate(stats) if rules.verify_certs else None
@@ -318,6 +318,7 @@ class Publisher:
             due = housekeeping_at is not None and self.clock() >= housekeeping_at
             if due and self.inbox.empty():
                 housekeeping_at = self.writer.maintain(HOUSEKEEPING_STEP)
+                self.keys.spill()
 
     def _publish(self, revision: int, changed: set[str]) -> None:
         """Make the tree live; --check it; signal the child. Raises SnapshotError."""

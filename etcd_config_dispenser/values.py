@@ -21,6 +21,7 @@ or a failing disk, raises ``OSError``, never serves another value).
 
 from __future__ import annotations
 
+import array
 import errno
 import hashlib
 import os
@@ -34,12 +35,16 @@ def digest(data: bytes) -> bytes:
 
 
 class Spool:
-    """An unnamed file of values, appended to a page at a time; closed with its last value."""
+    """An unnamed file of values, appended to a page at a time; closed with its last value.
+
+    Where each value ends and its digest are kept here, in arrays (24 bytes a
+    value), rather than as Python objects per value (about 170 bytes)."""
 
     def __init__(self, directory: str) -> None:
         self._fd = -1
         self._fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        self._size = 0
+        self._ends = array.array("q")  # where value i ends; it starts where i - 1 ends
+        self._digests = bytearray()  # DIGEST_SIZE bytes per value
 
     def __del__(self) -> None:  # no value refers to it any more: its space is freed
         if self._fd >= 0:
@@ -47,44 +52,59 @@ class Spool:
 
     def add(self, values: Sequence[bytes]) -> list[Spooled]:
         """Append ``values`` (one write); where each one is."""
-        blob = memoryview(b"".join(values))
-        offset = self._size
+        start = self._ends[-1] if self._ends else 0
+        blob, offset = memoryview(b"".join(values)), start
         while blob:
             written = os.pwrite(self._fd, blob, offset)
             blob, offset = blob[written:], offset + written
-        refs, offset = [], self._size
-        for value in values:
-            refs.append(Spooled(self, offset, len(value), digest(value)))
-            offset += len(value)
-        self._size = offset
-        return refs
+        first, end = len(self._ends), start
+        for value in values:  # only once all is written: a failed add leaves no trace
+            end += len(value)
+            self._ends.append(end)
+            self._digests += digest(value)
+        return [Spooled(self, i) for i in range(first, len(self._ends))]
 
-    def read(self, offset: int, size: int) -> bytes:
+    def span(self, index: int) -> tuple[int, int]:
+        """(offset, size) of value ``index``."""
+        start = self._ends[index - 1] if index else 0
+        return start, self._ends[index] - start
+
+    def digest(self, index: int) -> bytes:
+        return bytes(self._digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
+
+    def read(self, index: int) -> bytes:
+        """Value ``index``, checked against its digest (never another value)."""
+        offset, size = self.span(index)
         data = os.pread(self._fd, size, offset)
         while len(data) < size:  # short reads: only at the end of a file, which this is not
             more = os.pread(self._fd, size - len(data), offset + len(data))
             if not more:
                 raise OSError(errno.EIO, "the spool of values is shorter than written")
             data += more
+        if digest(data) != self.digest(index):
+            raise OSError(errno.EIO, "a spooled value changed since it was written")
         return data
 
 
 class Spooled:
-    """A value in a spool: where it is, and its digest (to compare without reading it)."""
+    """A value in a spool: which one (its place and digest are the spool's)."""
 
-    __slots__ = ("digest", "offset", "size", "spool")
+    __slots__ = ("index", "spool")
 
-    def __init__(self, spool: Spool, offset: int, size: int, value_digest: bytes) -> None:
+    def __init__(self, spool: Spool, index: int) -> None:
         self.spool = spool
-        self.offset = offset
-        self.size = size
-        self.digest = value_digest
+        self.index = index
+
+    @property
+    def size(self) -> int:
+        return self.spool.span(self.index)[1]
+
+    @property
+    def digest(self) -> bytes:
+        return self.spool.digest(self.index)
 
     def read(self) -> bytes:
-        data = self.spool.read(self.offset, self.size)
-        if digest(data) != self.digest:
-            raise OSError(errno.EIO, "a spooled value changed since it was written")
-        return data
+        return self.spool.read(self.index)
 
 
 Value = bytes | Spooled

@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etcd_config_dispenser.config import load
-from etcd_config_dispenser.events import Event, FullRead
+from etcd_config_dispenser.events import Batch, Change, Event, FullRead
 from etcd_config_dispenser.health import Stats
+from etcd_config_dispenser.intake import SPILL_BYTES, KeyIntake
 from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.session import EtcdSession
 from etcd_config_dispenser.source import EtcdSource
@@ -66,7 +67,7 @@ def test_a_spool_is_closed_with_its_last_value(tmp_path: Path) -> None:
 def test_a_spooled_value_changed_under_us_is_never_read_as_another(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path))
     ref = spool.add([b"secret-1"])[0]
-    os.pwrite(spool._fd, b"SECRET-2", ref.offset)  # a failing disk, or someone with our fd
+    os.pwrite(spool._fd, b"SECRET-2", spool.span(ref.index)[0])  # a failing disk, or our fd
     with pytest.raises(OSError) as caught:
         ref.read()
     assert caught.value.errno == errno.EIO
@@ -188,3 +189,68 @@ def test_the_dispenser_spools_its_full_read_and_frees_it_with_the_last_value(
     busy_wait(lambda: (target / "c").read_bytes() == b"second c")
     busy_wait(lambda: spool_fds(pid, target) == [])
     assert (target / "a").read_bytes() == b"second a"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["put", "delete", "spill"]),
+            st.sampled_from(["a", "b", "a/c", "d/e", "d"]),
+            st.binary(max_size=5),
+        ),
+        max_size=30,
+    )
+)
+def test_spilling_values_held_in_memory_changes_no_file(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, str, bytes]]
+) -> None:
+    """Puts, deletes and spills in any order: the files are those of a tree that never
+    spilled, and ``held`` counts exactly the bytes still in memory."""
+    tree, plain = KeyTree(), KeyTree()
+    for action, path, value in steps:
+        if action == "spill":
+            tree.spill(Spool(str(tmp_path_factory.getbasetemp())))
+            assert not any(isinstance(v, bytes) for v in tree.values.values())
+            assert not any(isinstance(v, bytes) for v in tree._files.values())  # none kept
+            continue
+        if action == "put":
+            assert tree.put(path, value) == plain.put(path, value)
+        else:
+            assert tree.delete(path) == plain.delete(path)
+        assert tree.held == sum(len(v) for v in tree.values.values() if isinstance(v, bytes))
+    assert dict(tree.files) == dict(plain.files)
+
+
+def test_values_from_watch_responses_spill_once_they_add_up(tmp_path: Path) -> None:
+    intake = KeyIntake(b"/p/", 4096, spool_dir=str(tmp_path))
+    big = SPILL_BYTES // 4
+    intake.absorb(Batch(2, [Change(b"/p/a", b"a" * big), Change(b"/p/b", b"b" * big)]))
+    intake.spill()
+    assert all(isinstance(v, bytes) for v in intake.tree.values.values())  # not yet
+    intake.absorb(Batch(3, [Change(b"/p/c", b"c" * big), Change(b"/p/d", b"d" * big)]))
+    intake.spill()
+    assert intake.tree.held == 0
+    assert all(isinstance(v, Spooled) for v in intake.tree.values.values())
+    assert intake.tree.files["c"] == b"c" * big
+
+
+def test_the_dispenser_spools_values_from_the_watch_once_they_add_up(
+    etcd: object, prefix: str, target: Path, dispenser: Callable[..., DispenserProcess]
+) -> None:
+    """Renewals arrive one by one through the watch; held in memory, they would add up to
+    every value again (the long run of a certificate store): they are spooled too."""
+    etcd.put(prefix + "first", b"x")  # type: ignore[attr-defined]
+    proc = dispenser("sleep", "1000")
+    busy_wait(lambda: (target / "first").exists())
+    pid = proc.proc.pid
+    assert len(spool_fds(pid, target)) == 1  # the full read's, while "first" is current
+    value = b"v" * (SPILL_BYTES // 3 + 1)
+    for i in range(3):
+        etcd.put(f"{prefix}big{i}", value)  # type: ignore[attr-defined]
+    busy_wait(lambda: (target / "big2").exists())
+    busy_wait(lambda: len(spool_fds(pid, target)) == 2)  # and a spill's
+    for i in range(3):
+        etcd.delete(f"{prefix}big{i}")  # type: ignore[attr-defined]
+    busy_wait(lambda: not (target / "big2").exists())
+    busy_wait(lambda: len(spool_fds(pid, target)) == 1)  # gone with its last value
