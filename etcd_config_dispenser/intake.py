@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # Bytes of values from watch responses held in memory before they are spooled:
 # a few changes' worth, so that the next change rarely reads back its neighbours.
 SPILL_BYTES = 1 << 20
+MAX_SPOOLS = 16  # files of values open at once, before they are made one
 
 
 class KeyIntake:
@@ -37,6 +38,7 @@ class KeyIntake:
         self.max_path = max_path
         self.selection = selection or KeySelection()  # --include/--exclude
         self.spool_dir = None if spool_dir is None else str(spool_dir)  # see ``spill``
+        self.spill_bytes = SPILL_BYTES
         self.tree = KeyTree()
         self._invalid: set[bytes] = set()  # keys in etcd now that the key rules refuse
 
@@ -113,14 +115,24 @@ class KeyIntake:
         """Spool the values held in memory once they pass SPILL_BYTES: values from watch
         responses add up (every certificate renewed once), and memory must grow with
         the number of keys, not their size (see ``values``). One spool per spill; each
-        goes with its last value. Where there can be no spool, they stay in memory."""
-        if self.tree.held < SPILL_BYTES:
+        goes with its last value. Where there can be no spool, they stay in memory.
+
+        A spool stays whole while any value in it is current: one key that never
+        changes again pins a spool of others' old values. So when the spools hold
+        more than twice the current values (plus a spill), or more than
+        MAX_SPOOLS files, every value moves to the new one and the others go:
+        rewriting costs at most about a byte per byte spilled since the last time.
+        """
+        if self.tree.held < self.spill_bytes:
             return
         spool = open_spool(self.spool_dir)
         if spool is None:
             return
+        spools, current = self.tree.spools()
+        spooled = sum(s.size for s in spools)
+        wasteful = len(spools) >= MAX_SPOOLS or spooled > 2 * current + self.spill_bytes
         try:
-            self.tree.spill(spool)
+            self.tree.spill(spool, every=wasteful)
         except OSError as err:  # a full disk: they stay in memory for now
             log.debug("could not spool the values held in memory: %s", err)
 

@@ -10,13 +10,14 @@ import bisect
 from collections.abc import Iterable
 
 from .layout import RESERVED_PREFIX
-from .values import Spool, Value, ValueView, same
+from .values import Spool, Spooled, Value, ValueView, as_bytes, same
 
 MAX_NAME = 255  # bytes in one path segment (NAME_MAX on Linux filesystems)
 MAX_PATH = 4096  # bytes in a whole path (PATH_MAX)
 # Directories deep: far beyond any configuration, and it keeps every walk of a
 # snapshot (ours, and the standard library's) cheap and far from any limit.
 MAX_DEPTH = 64
+SPILL_PAGE = 256  # values read back and spooled at a time when every one moves
 
 
 class InvalidKey(ValueError):
@@ -134,14 +135,28 @@ class KeyTree:
         )
         self.values[path] = value
 
-    def spill(self, spool: Spool) -> None:
-        """Move the values held in memory to ``spool`` (raises OSError: then they stay)."""
-        held = [(p, v) for p, v in self.values.items() if isinstance(v, bytes)]
-        refs = spool.add([v for _p, v in held])
-        for (path, _value), ref in zip(held, refs, strict=True):
+    def spill(self, spool: Spool, every: bool = False) -> None:
+        """Move the values held in memory to ``spool``; ``every``: the spooled ones too
+        (read back, a page at a time). Raises OSError: then nothing moved."""
+        moving = [(p, v) for p, v in self.values.items() if every or isinstance(v, bytes)]
+        refs: list[Spooled] = []
+        for start in range(0, len(moving), SPILL_PAGE):
+            page = moving[start : start + SPILL_PAGE]
+            refs += spool.add([as_bytes(v) for _p, v in page])
+        for (path, _value), ref in zip(moving, refs, strict=True):
             self._set(path, ref)
             if path in self._files:
                 self._files[path] = ref
+
+    def spools(self) -> tuple[list[Spool], int]:
+        """The spools the values are in, and the bytes of those values."""
+        found: dict[int, Spool] = {}
+        current = 0
+        for value in self.values.values():
+            if isinstance(value, Spooled):
+                found[id(value.spool)] = value.spool
+                current += value.size
+        return list(found.values()), current
 
     @property
     def files(self) -> ValueView:

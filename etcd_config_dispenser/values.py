@@ -64,6 +64,11 @@ class Spool:
             self._digests += digest(value)
         return [Spooled(self, i) for i in range(first, len(self._ends))]
 
+    @property
+    def size(self) -> int:
+        """Bytes written to it."""
+        return self._ends[-1] if self._ends else 0
+
     def span(self, index: int) -> tuple[int, int]:
         """(offset, size) of value ``index``."""
         start = self._ends[index - 1] if index else 0

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from etcd_config_dispenser.config import load
 from etcd_config_dispenser.events import Batch, Change, Event, FullRead
 from etcd_config_dispenser.health import Stats
-from etcd_config_dispenser.intake import SPILL_BYTES, KeyIntake
+from etcd_config_dispenser.intake import MAX_SPOOLS, SPILL_BYTES, KeyIntake
 from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.session import EtcdSession
 from etcd_config_dispenser.source import EtcdSource
@@ -254,3 +254,37 @@ def test_the_dispenser_spools_values_from_the_watch_once_they_add_up(
         etcd.delete(f"{prefix}big{i}")  # type: ignore[attr-defined]
     busy_wait(lambda: not (target / "big2").exists())
     busy_wait(lambda: len(spool_fds(pid, target)) == 1)  # gone with its last value
+
+
+def test_spools_pinned_by_keys_that_never_change_are_made_one(tmp_path: Path) -> None:
+    """Ten keys change every round, and with them one key that will never change again:
+    each spill's spool is then pinned by that one value, and the rest of it is old
+    values. The spools must not keep growing (disk, and a descriptor each): at most
+    twice the current values plus a spill, in at most MAX_SPOOLS files."""
+    intake = KeyIntake(b"/p/", 4096, spool_dir=str(tmp_path))
+    intake.spill_bytes = 1000
+    for round_ in range(200):
+        changes = [Change(b"/p/warm%d" % i, os.urandom(100)) for i in range(10)]
+        changes.append(Change(b"/p/cold%d" % round_, b"c%d" % round_))
+        intake.absorb(Batch(round_ + 2, changes))
+        intake.spill()
+        spools, current = intake.tree.spools()
+        assert len(spools) <= MAX_SPOOLS
+        assert sum(s.size for s in spools) <= 2 * current + 2 * intake.spill_bytes
+    assert intake.tree.held == 0  # every round spilled
+    assert all(intake.tree.files[f"warm{i}"] == changes[i].value for i in range(10))
+    assert all(intake.tree.files[f"cold{i}"] == b"c%d" % i for i in range(200))
+    assert len(spool_fds("self", tmp_path)) <= MAX_SPOOLS
+
+
+def test_spools_of_values_still_current_are_made_one_past_max_spools(tmp_path: Path) -> None:
+    """New keys only (nothing replaced, so nothing wasted): the spills still end in at
+    most MAX_SPOOLS files, not one more file (and descriptor) per spill."""
+    intake = KeyIntake(b"/p/", 4096, spool_dir=str(tmp_path))
+    intake.spill_bytes = 1000
+    for round_ in range(3 * MAX_SPOOLS):
+        changes = [Change(b"/p/k%d-%d" % (round_, i), b"v" * 100) for i in range(10)]
+        intake.absorb(Batch(round_ + 2, changes))
+        intake.spill()
+        assert len(intake.tree.spools()[0]) <= MAX_SPOOLS
+    assert len(intake.tree.files) == 30 * MAX_SPOOLS
