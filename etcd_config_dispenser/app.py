@@ -91,7 +91,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
     inbox: queue.Queue[Event] = queue.Queue()
     stopping = threading.Event()  # set on the way out: a --check still running is killed
     source = EtcdSource(etcd, options.prefix)  # a full read's values spool in the target's fs
-    session = EtcdSession(source, inbox, stats, options.backoff_max, spool_dir=str(options.target))
+    session = EtcdSession(source, inbox, stats, options.backoff_max, spool_at=writer.target_fd)
     hook: OnChange | None = None
     if options.on_change:
         hook = OnChange(
@@ -140,6 +140,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
                 else None
             ),
             rollback_on_failure=options.rollback_on_failure,
+            reread=source.interrupt,  # the watch is cut: the session reads everything again
         ),
     )
     log.info(

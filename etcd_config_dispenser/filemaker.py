@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from .fsops import Tree, lstat_at, open_dir, remove_at
 from .layout import POOL_DIR
 from .rules import FileAttributes, FileRule
+from .values import SpoolError
 
 POOL_SIZE = 8  # empty files kept ready for the next change
 POOL_OPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -91,21 +92,23 @@ class FileMaker:
             if rel not in files:
                 tree.remove(rel)
         for rel in delta:
-            value = files.get(rel)
-            if value is None:
+            if rel not in files:
                 continue
             try:
                 # Never truncate or rewrite a file: its inode may be shared with
                 # another snapshot, or open in a reader. A new one replaces it.
                 if rel in changed or source is None or not self.link(source, tree, rel):
-                    fd = self.write(tree, rel, value, pool)
+                    fd = self.write(tree, rel, files[rel], pool)
                     count += 1
                     if len(written) < keep:
                         written.append(fd)
                     else:
                         os.close(fd)
-            except OSError as err:
-                failed[rel] = blame(tree, err)
+            except OSError as err:  # a SpoolError: its value cannot be read; not the target's
+                unread = isinstance(err, SpoolError)
+                failed[rel] = (
+                    f"cannot read its value: {err.strerror}" if unread else blame(tree, err)
+                )
                 with contextlib.suppress(OSError):
                     tree.unlink(rel)  # no older file of the spare stays served in its place
         return failed, count

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 
 from .events import Batch, FullRead
 from .keys import InvalidKey, KeyTree, key_to_relpath, show
@@ -32,12 +31,14 @@ class KeyIntake:
         prefix: bytes,
         max_path: int,
         selection: KeySelection | None = None,
-        spool_dir: str | Path | None = None,
+        spool_at: int | None = None,
     ) -> None:
         self.prefix = prefix
         self.max_path = max_path
         self.selection = selection or KeySelection()  # --include/--exclude
-        self.spool_dir = None if spool_dir is None else str(spool_dir)  # see ``spill``
+        self.spool_at = spool_at  # the open directory values spill to (``spill``)
+        self._waste_unknown = False  # a full read came: its spool may hold what no key has
+        self._failed_at: int | None = None  # ``held`` when a spill last failed
         self.spill_bytes = SPILL_BYTES
         self.tree = KeyTree()
         self._invalid: set[bytes] = set()  # keys in etcd now that the key rules refuse
@@ -109,6 +110,7 @@ class KeyIntake:
                 extra=fields("key_skipped", revision=revision),
             )
         old, self.tree = self.tree, tree
+        self._waste_unknown = True  # see ``spill``
         return old.differs(tree)
 
     def spill(self) -> None:
@@ -118,23 +120,43 @@ class KeyIntake:
         goes with its last value. Where there can be no spool, they stay in memory.
 
         A spool stays whole while any value in it is current: one key that never
-        changes again pins a spool of others' old values. So when the spools hold
+        changes again pins a spool of others' old values, and a full read's spool
+        holds the values of keys the rules leave out. So when the spools hold
         more than twice the current values (plus a spill), or more than
         MAX_SPOOLS files, every value moves to the new one and the others go:
         rewriting costs at most about a byte per byte spilled since the last time.
+        A spill that failed is not tried again before as much more is held.
         """
-        if self.tree.held < self.spill_bytes:
-            return
-        spool = open_spool(self.spool_dir)
-        if spool is None:
-            return
+        held = self.tree.held
+        if self._failed_at is not None and held < self._failed_at + self.spill_bytes:
+            return  # failed lately: not again at each step (a full disk)
         spools, current = self.tree.spools()
-        spooled = sum(s.size for s in spools)
-        wasteful = len(spools) >= MAX_SPOOLS or spooled > 2 * current + self.spill_bytes
+        wasteful = len(spools) >= MAX_SPOOLS or (
+            sum(s.size for s in spools) > 2 * current + self.spill_bytes
+        )
+        if held < self.spill_bytes and not (self._waste_unknown and wasteful):
+            self._waste_unknown = False
+            return
+        self._waste_unknown = False
+        spool = open_spool(self.spool_at)
         try:
+            if spool is None:
+                raise OSError("no spool can be made in the target")
             self.tree.spill(spool, every=wasteful)
+            self._failed_at = None
         except OSError as err:  # a full disk: they stay in memory for now
-            log.debug("could not spool the values held in memory: %s", err)
+            self._failed_at = held
+            log.warning("could not spool values: %s; they stay in memory for now", err)
+
+    def lost(self) -> bool:
+        """Whether a value could not be read back from its spool since last asked (logged:
+        the caller asks etcd for everything again; until then the key is not written)."""
+        if not self.tree.unreadable:
+            return False
+        lost = sorted(self.tree.unreadable)
+        self.tree.unreadable.clear()
+        log.error("cannot read back the value of %s: reading everything again", show(lost[0]))
+        return True
 
     @property
     def skipped(self) -> int:

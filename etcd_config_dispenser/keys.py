@@ -127,13 +127,24 @@ class KeyTree:
         self._files: dict[str, Value] = {}  # the visible ones
         self._sorted: list[str] = []
         self.held = 0  # bytes of the values held in memory (not spooled)
+        self._spools: dict[Spool, list[int]] = {}  # spool -> [values, bytes] current in it
+        self.unreadable: set[str] = set()  # paths whose spooled value could not be read
 
     def _set(self, path: str, value: Value) -> None:
-        old = self.values.get(path)
-        self.held += (len(value) if isinstance(value, bytes) else 0) - (
-            len(old) if isinstance(old, bytes) else 0
-        )
+        self._count(self.values.get(path), -1)
+        self._count(value, 1)
         self.values[path] = value
+
+    def _count(self, value: Value | None, sign: int) -> None:
+        """Keep ``held`` and the use of each spool (no scan of every key to know them)."""
+        if isinstance(value, bytes):
+            self.held += sign * len(value)
+        elif value is not None:
+            use = self._spools.setdefault(value.spool, [0, 0])
+            use[0] += sign
+            use[1] += sign * value.size
+            if not use[0]:
+                del self._spools[value.spool]
 
     def spill(self, spool: Spool, every: bool = False) -> None:
         """Move the values held in memory to ``spool``; ``every``: the spooled ones too
@@ -150,18 +161,12 @@ class KeyTree:
 
     def spools(self) -> tuple[list[Spool], int]:
         """The spools the values are in, and the bytes of those values."""
-        found: dict[int, Spool] = {}
-        current = 0
-        for value in self.values.values():
-            if isinstance(value, Spooled):
-                found[id(value.spool)] = value.spool
-                current += value.size
-        return list(found.values()), current
+        return list(self._spools), sum(use[1] for use in self._spools.values())
 
     @property
     def files(self) -> ValueView:
         """The visible keys' values, by path (spooled ones read when asked for)."""
-        return ValueView(self._files)
+        return ValueView(self._files, self.unreadable)
 
     def differs(self, other: KeyTree) -> set[str]:
         """The file paths whose content or presence differs between two trees."""

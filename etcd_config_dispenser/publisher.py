@@ -26,6 +26,7 @@ from .keys import show
 from .logs import fields, output_tail
 from .rules import KeySelection
 from .snapshot import Published, SnapshotWriter, max_key_path
+from .values import readable
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Rules:
     expiry_warning: float = 14 * DAY
     verify_tls: Callable[[Mapping[str, bytes], int], str | None] | None = None
     rollback_on_failure: bool = False
+    reread: Callable[[], None] = lambda: None  # etcd is asked for everything again
 
 
 class RequiredKeys:
@@ -138,7 +140,8 @@ class Expiry:
     def update(self, files: Mapping[str, bytes], changed: Collection[str]) -> None:
         not_after = dict(self.stats.not_after)  # replaced whole: other threads iterate it
         for path in changed:
-            when = certs.not_after(files[path]) if path in files else None
+            value = readable(files, path)
+            when = certs.not_after(value) if value is not None else None
             if when is None:
                 not_after.pop(path, None)
             else:
@@ -220,13 +223,16 @@ class Publisher:
         self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
         self.clock = clock
         rules = rules or Rules()
-        self.keys = KeyIntake(prefix, max_key_path(writer.target), rules.selection, writer.target)
+        self.keys = KeyIntake(
+            prefix, max_key_path(writer.target), rules.selection, writer.target_fd
+        )
         self.required = RequiredKeys(rules.required, stats)  # no snapshot without them
         self.listeners = rules.listeners  # told of each change made live: --on-change, status
         self.gate = CertificateGate(stats) if rules.verify_certs else None
         self.expiry = Expiry(stats, rules.expiry_warning)
         verify, rollback = rules.verify_tls, rules.rollback_on_failure
         self.proof = ReloadProof(verify, rollback, stats) if verify else None
+        self.reread = rules.reread
         self._rejected: tuple[int, str] | None = None  # --check failed, not yet put back
         self.first_sync = threading.Event()  # a snapshot is live: the child may start
         self.done = threading.Event()  # the thread has ended
@@ -309,6 +315,8 @@ class Publisher:
                         return
                 changed = set()  # the writer owes what it could not serve
                 housekeeping_at = self.clock()
+            if self.keys.lost():  # a spooled value cannot be read back: etcd has it
+                self.reread()
             if ended:
                 return
             if self.clock() >= expiry_at:
@@ -333,14 +341,7 @@ class Publisher:
             log.debug("r%d: no file changed", revision)
             self.stats.served(revision, self.writer.serving)
             return
-        for path, why in sorted(result.failed.items()):
-            log.warning(
-                "r%d: skipping key %s: cannot write it: %s",
-                revision,
-                show(path),
-                why,
-                extra=fields("key_skipped", revision=revision, error=why),
-            )
+        _log_skipped(revision, result.failed)
         # --check, whenever there is a snapshot to go back to: after every change,
         # and at start-up over a snapshot a previous process left.
         if self.check is not None and self.writer.can_roll_back:
@@ -428,6 +429,17 @@ def take(inbox: queue.Queue[Event], timeout: float | None) -> list[Event]:
         except queue.Empty:
             break
     return events
+
+
+def _log_skipped(revision: int, failed: Mapping[str, str]) -> None:
+    for path, why in sorted(failed.items()):
+        log.warning(
+            "r%d: skipping key %s: cannot write it: %s",
+            revision,
+            show(path),
+            why,
+            extra=fields("key_skipped", revision=revision, error=why),
+        )
 
 
 def _log_published(

@@ -45,10 +45,10 @@ class EtcdSession:
         backoff_max: float = 30.0,
         liveness_interval: float = LIVENESS_INTERVAL,
         sleep: Callable[[float], None] | None = None,
-        spool_dir: str | None = None,
+        spool_at: int | None = None,
     ) -> None:
         self.source = source
-        self.spool_dir = spool_dir  # where a full read's values go (see values): the target
+        self.spool_at = spool_at  # the open directory a full read's values go to: the target
         self.inbox = inbox
         self.stats = stats
         self.backoff_max = backoff_max
@@ -160,7 +160,7 @@ class EtcdSession:
 
     def _read_all(self) -> FullRead:
         """Every key, the values spooled (one spool per full read: see ``values``)."""
-        spool = open_spool(self.spool_dir)
+        spool = open_spool(self.spool_at)
         return FullRead(*self.source.read_all(lambda values: kept(spool, values)))
 
     def _check_liveness(self, done: threading.Event) -> None:

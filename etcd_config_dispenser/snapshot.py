@@ -232,6 +232,12 @@ class SnapshotWriter:
         self.ledger.failed(paths)
 
     @property
+    def target_fd(self) -> int | None:
+        """The target, as the writer holds it open (None before ``recover``): where values
+        spool (see ``values``), whatever its path comes to point at."""
+        return self._fd if self._fd >= 0 else None
+
+    @property
     def can_roll_back(self) -> bool:
         """Whether the last publish has something to go back to (until ``settle``)."""
         return self.ledger.previous is not None

@@ -22,6 +22,7 @@ from typing import Any
 from .health import Stats
 from .keys import show
 from .source import EtcdSource
+from .values import readable
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ class FilesDigest:
         """A change is live (publisher thread): the paths it wrote and removed."""
         for path in (*written, *removed):
             self._total ^= self._each.pop(path, 0)
-            if path in files:
-                digest = hashlib.sha256(path.encode() + b"\0" + files[path]).digest()
+            value = readable(files, path)  # None: unreadable, read from etcd again
+            if value is not None:
+                digest = hashlib.sha256(path.encode() + b"\0" + value).digest()
                 self._each[path] = int.from_bytes(digest, "big")
                 self._total ^= self._each[path]
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from . import certs
+from .values import readable
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def live_leaves(files: Mapping[str, bytes]) -> dict[bytes, str]:
     """Leaf certificate (DER) -> its path, for every certificate file of the snapshot."""
     found = {}
     for pair in certs.pairs(files):
-        der = certs.leaf_der(files[pair.cert])
+        value = readable(files, pair.cert)
+        der = certs.leaf_der(value) if value is not None else None
         if der is not None:
             found[der] = pair.cert
     return found

@@ -16,7 +16,8 @@ of the full read. Where ``O_TMPFILE`` is not supported, or the spool cannot be
 written (a full disk), values stay in memory, as before: never a failure.
 
 A value read back is checked against its digest (a spool changed under us,
-or a failing disk, raises ``OSError``, never serves another value).
+or a failing disk, raises ``SpoolError``, never serves another value: the key
+is then not written, and etcd is asked for everything again).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 
 DIGEST_SIZE = 16  # bytes of BLAKE2b: equal digests are equal values, for all purposes
+SPOOL_OPEN = os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC
+
+
+class SpoolError(OSError):
+    """A spooled value cannot be read back as written (a failing disk): its key needs
+    etcd's value again, and the target is not to blame."""
 
 
 def digest(data: bytes) -> bytes:
@@ -40,9 +47,11 @@ class Spool:
     Where each value ends and its digest are kept here, in arrays (24 bytes a
     value), rather than as Python objects per value (about 170 bytes)."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, dir_fd: int) -> None:
         self._fd = -1
-        self._fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        # In the directory the writer holds open, not by its path (which anyone could
+        # point elsewhere); O_EXCL: it can never be given a name (linkat) either.
+        self._fd = os.open(".", SPOOL_OPEN, 0o600, dir_fd=dir_fd)
         self._ends = array.array("q")  # where value i ends; it starts where i - 1 ends
         self._digests = bytearray()  # DIGEST_SIZE bytes per value
 
@@ -80,14 +89,17 @@ class Spool:
     def read(self, index: int) -> bytes:
         """Value ``index``, checked against its digest (never another value)."""
         offset, size = self.span(index)
-        data = os.pread(self._fd, size, offset)
+        try:
+            data = os.pread(self._fd, size, offset)
+        except OSError as err:
+            raise SpoolError(err.errno, f"cannot read a spooled value: {err.strerror}") from err
         while len(data) < size:  # short reads: only at the end of a file, which this is not
             more = os.pread(self._fd, size - len(data), offset + len(data))
             if not more:
-                raise OSError(errno.EIO, "the spool of values is shorter than written")
+                raise SpoolError(errno.EIO, "the spool of values is shorter than written")
             data += more
         if digest(data) != self.digest(index):
-            raise OSError(errno.EIO, "a spooled value changed since it was written")
+            raise SpoolError(errno.EIO, "a spooled value changed since it was written")
         return data
 
 
@@ -115,12 +127,13 @@ class Spooled:
 Value = bytes | Spooled
 
 
-def open_spool(directory: str | None) -> Spool | None:
-    """A spool in ``directory``; None where there can be none (values then stay in memory)."""
-    if directory is None:
+def open_spool(dir_fd: int | None) -> Spool | None:
+    """A spool in the open directory ``dir_fd``; None where there can be none (values
+    then stay in memory)."""
+    if dir_fd is None:
         return None
     try:
-        return Spool(directory)
+        return Spool(dir_fd)
     except OSError:  # no O_TMPFILE on this filesystem (EOPNOTSUPP, EISDIR), gone...
         return None
 
@@ -161,11 +174,17 @@ def _digest(value: Value) -> bytes:
 class ValueView(Mapping[str, bytes]):
     """A mapping of paths to values, as bytes: spooled ones are read when asked for."""
 
-    def __init__(self, values: Mapping[str, Value]) -> None:
+    def __init__(self, values: Mapping[str, Value], unreadable: set[str] | None = None) -> None:
         self._values = values
+        self._unreadable = unreadable  # where to note the paths that could not be read
 
     def __getitem__(self, path: str) -> bytes:
-        return as_bytes(self._values[path])
+        try:
+            return as_bytes(self._values[path])
+        except SpoolError:
+            if self._unreadable is not None:
+                self._unreadable.add(path)
+            raise
 
     def __contains__(self, path: object) -> bool:
         return path in self._values
@@ -175,3 +194,12 @@ class ValueView(Mapping[str, bytes]):
 
     def __len__(self) -> int:
         return len(self._values)
+
+
+def readable(files: Mapping[str, bytes], path: str) -> bytes | None:
+    """``files[path]``; None if there is none, or it cannot be read back (the key is then
+    noted unreadable, and etcd asked for it again: see ``ValueView``)."""
+    try:
+        return files.get(path)
+    except SpoolError:
+        return None

@@ -14,18 +14,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import DispenserProcess, busy_wait
+from helpers import DispenserProcess, busy_wait, read_tree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etcd_config_dispenser.config import load
-from etcd_config_dispenser.events import Batch, Change, Event, FullRead
+from etcd_config_dispenser.events import Batch, Change, Ended, Event, FullRead
 from etcd_config_dispenser.health import Stats
 from etcd_config_dispenser.intake import MAX_SPOOLS, SPILL_BYTES, KeyIntake
 from etcd_config_dispenser.keys import KeyTree
+from etcd_config_dispenser.publisher import Publisher, Rules
+from etcd_config_dispenser.rules import KeySelection
 from etcd_config_dispenser.session import EtcdSession
+from etcd_config_dispenser.snapshot import SnapshotWriter
 from etcd_config_dispenser.source import EtcdSource
 from etcd_config_dispenser.values import Spool, Spooled, Value, ValueView, kept, open_spool, same
+
+CATCHES_HUP = ("sh", "-c", "trap 'echo hup' HUP; while :; do sleep 0.05; done")
+_OPENED: dict[Path, int] = {}
+
+
+def opened(directory: Path) -> int:
+    """``directory``, open (once per test run: the spools of a test go in it)."""
+    if directory not in _OPENED:
+        _OPENED[directory] = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    return _OPENED[directory]
 
 
 def spool_fds(pid: int | str, directory: Path) -> list[str]:
@@ -43,7 +56,7 @@ def spool_fds(pid: int | str, directory: Path) -> list[str]:
 
 
 def test_values_read_back_as_written_and_nobody_sees_the_spool(tmp_path: Path) -> None:
-    spool = Spool(str(tmp_path))
+    spool = Spool(opened(tmp_path))
     values = [b"", b"a" * 5000, bytes(range(256)), b"x"]
     refs = spool.add(values) + spool.add([b"second page"])
     assert [r.read() for r in refs] == [*values, b"second page"]
@@ -52,7 +65,7 @@ def test_values_read_back_as_written_and_nobody_sees_the_spool(tmp_path: Path) -
 
 
 def test_a_spool_is_closed_with_its_last_value(tmp_path: Path) -> None:
-    refs = Spool(str(tmp_path)).add([b"a", b"b"])
+    refs = Spool(opened(tmp_path)).add([b"a", b"b"])
     assert len(spool_fds("self", tmp_path)) == 1
     first = refs[0]
     del refs
@@ -65,7 +78,7 @@ def test_a_spool_is_closed_with_its_last_value(tmp_path: Path) -> None:
 
 
 def test_a_spooled_value_changed_under_us_is_never_read_as_another(tmp_path: Path) -> None:
-    spool = Spool(str(tmp_path))
+    spool = Spool(opened(tmp_path))
     ref = spool.add([b"secret-1"])[0]
     os.pwrite(spool._fd, b"SECRET-2", spool.span(ref.index)[0])  # a failing disk, or our fd
     with pytest.raises(OSError) as caught:
@@ -76,11 +89,13 @@ def test_a_spooled_value_changed_under_us_is_never_read_as_another(tmp_path: Pat
 def test_values_stay_in_memory_when_there_can_be_no_spool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No O_TMPFILE there (or no such directory), or a full disk: never a failure."""
-    assert open_spool(str(tmp_path / "missing")) is None
+    """No O_TMPFILE there (here: not a directory), or a full disk: never a failure."""
+    not_a_dir = os.open(tmp_path / "file", os.O_RDONLY | os.O_CREAT, 0o600)
+    assert open_spool(not_a_dir) is None
+    os.close(not_a_dir)
     assert open_spool(None) is None
     assert kept(None, [b"a"]) == [b"a"]
-    spool = open_spool(str(tmp_path))
+    spool = open_spool(opened(tmp_path))
     assert spool is not None
 
     def full(*args: object) -> int:
@@ -104,7 +119,7 @@ def as_value(spool: Spool, data: bytes, spooled: bool) -> Value:
 def test_values_are_the_same_exactly_when_their_bytes_are(
     tmp_path_factory: pytest.TempPathFactory, a: bytes, b: bytes, a_spooled: bool, b_spooled: bool
 ) -> None:
-    spool = Spool(str(tmp_path_factory.getbasetemp()))
+    spool = Spool(opened(tmp_path_factory.getbasetemp()))
     x, y = as_value(spool, a, a_spooled), as_value(spool, b, b_spooled)
     assert same(x, y) == (a == b)
     assert same(x, None) is False and same(None, None) is True
@@ -124,7 +139,7 @@ def test_a_tree_of_spooled_values_changes_exactly_where_bytes_differ(
 ) -> None:
     """A resync compares the old tree with the new one, and a put the old value with the
     new one, whether either is spooled or in memory: the same files change as with bytes."""
-    spool = Spool(str(tmp_path_factory.getbasetemp()))
+    spool = Spool(opened(tmp_path_factory.getbasetemp()))
     trees = []
     for offset, values in ((0, old), (5, new)):
         tree = KeyTree()
@@ -144,7 +159,7 @@ def test_a_tree_of_spooled_values_changes_exactly_where_bytes_differ(
 
 
 def test_a_view_reads_spooled_values_only_when_asked(tmp_path: Path) -> None:
-    spool = Spool(str(tmp_path))
+    spool = Spool(opened(tmp_path))
     view = ValueView({"a": b"1", "b": spool.add([b"2"])[0]})
     assert len(view) == 2 and "b" in view and "c" not in view
     assert view == {"a": b"1", "b": b"2"}
@@ -161,7 +176,7 @@ def test_a_full_read_from_etcd_is_spooled(
     endpoint = etcd_server.endpoint  # type: ignore[attr-defined]
     source = EtcdSource(load({"ETCD_ENDPOINTS": endpoint}), prefix.encode())
     inbox: queue.Queue[Event] = queue.Queue()
-    session = EtcdSession(source, inbox, Stats(), spool_dir=str(tmp_path))
+    session = EtcdSession(source, inbox, Stats(), spool_at=opened(tmp_path))
     threading.Thread(target=session.run, daemon=True).start()
     try:
         event = inbox.get(timeout=10)
@@ -180,7 +195,7 @@ def test_the_dispenser_spools_its_full_read_and_frees_it_with_the_last_value(
     filesystem, not in its memory, and that file goes once etcd replaced them all."""
     for name in ("a", "b", "c"):
         etcd.put(prefix + name, b"first " + name.encode())  # type: ignore[attr-defined]
-    proc = dispenser("sleep", "1000")
+    proc = dispenser(*CATCHES_HUP)
     busy_wait(lambda: (target / "c").exists())
     pid = proc.proc.pid
     assert len(spool_fds(pid, target)) == 1
@@ -210,7 +225,7 @@ def test_spilling_values_held_in_memory_changes_no_file(
     tree, plain = KeyTree(), KeyTree()
     for action, path, value in steps:
         if action == "spill":
-            tree.spill(Spool(str(tmp_path_factory.getbasetemp())))
+            tree.spill(Spool(opened(tmp_path_factory.getbasetemp())))
             assert not any(isinstance(v, bytes) for v in tree.values.values())
             assert not any(isinstance(v, bytes) for v in tree._files.values())  # none kept
             continue
@@ -223,7 +238,7 @@ def test_spilling_values_held_in_memory_changes_no_file(
 
 
 def test_values_from_watch_responses_spill_once_they_add_up(tmp_path: Path) -> None:
-    intake = KeyIntake(b"/p/", 4096, spool_dir=str(tmp_path))
+    intake = KeyIntake(b"/p/", 4096, spool_at=opened(tmp_path))
     big = SPILL_BYTES // 4
     intake.absorb(Batch(2, [Change(b"/p/a", b"a" * big), Change(b"/p/b", b"b" * big)]))
     intake.spill()
@@ -241,7 +256,7 @@ def test_the_dispenser_spools_values_from_the_watch_once_they_add_up(
     """Renewals arrive one by one through the watch; held in memory, they would add up to
     every value again (the long run of a certificate store): they are spooled too."""
     etcd.put(prefix + "first", b"x")  # type: ignore[attr-defined]
-    proc = dispenser("sleep", "1000")
+    proc = dispenser(*CATCHES_HUP)
     busy_wait(lambda: (target / "first").exists())
     pid = proc.proc.pid
     assert len(spool_fds(pid, target)) == 1  # the full read's, while "first" is current
@@ -261,7 +276,7 @@ def test_spools_pinned_by_keys_that_never_change_are_made_one(tmp_path: Path) ->
     each spill's spool is then pinned by that one value, and the rest of it is old
     values. The spools must not keep growing (disk, and a descriptor each): at most
     twice the current values plus a spill, in at most MAX_SPOOLS files."""
-    intake = KeyIntake(b"/p/", 4096, spool_dir=str(tmp_path))
+    intake = KeyIntake(b"/p/", 4096, spool_at=opened(tmp_path))
     intake.spill_bytes = 1000
     for round_ in range(200):
         changes = [Change(b"/p/warm%d" % i, os.urandom(100)) for i in range(10)]
@@ -280,7 +295,7 @@ def test_spools_pinned_by_keys_that_never_change_are_made_one(tmp_path: Path) ->
 def test_spools_of_values_still_current_are_made_one_past_max_spools(tmp_path: Path) -> None:
     """New keys only (nothing replaced, so nothing wasted): the spills still end in at
     most MAX_SPOOLS files, not one more file (and descriptor) per spill."""
-    intake = KeyIntake(b"/p/", 4096, spool_dir=str(tmp_path))
+    intake = KeyIntake(b"/p/", 4096, spool_at=opened(tmp_path))
     intake.spill_bytes = 1000
     for round_ in range(3 * MAX_SPOOLS):
         changes = [Change(b"/p/k%d-%d" % (round_, i), b"v" * 100) for i in range(10)]
@@ -288,3 +303,124 @@ def test_spools_of_values_still_current_are_made_one_past_max_spools(tmp_path: P
         intake.spill()
         assert len(intake.tree.spools()[0]) <= MAX_SPOOLS
     assert len(intake.tree.files) == 30 * MAX_SPOOLS
+
+
+def corrupted(spool: Spool, ref: Spooled) -> Spooled:
+    """``ref``'s value overwritten in its spool (a failing disk, or someone with our fd)."""
+    os.pwrite(spool._fd, b"X" * ref.size, spool.span(ref.index)[0])
+    return ref
+
+
+def test_a_value_that_cannot_be_read_back_skips_its_key_and_etcd_is_asked_again(
+    tmp_path: Path,
+) -> None:
+    """One lost value must not stop the others (it once failed the whole snapshot, for
+    ever): its key is skipped, and the publisher asks for everything again."""
+    writer = SnapshotWriter(tmp_path / "config")
+    writer.recover()
+    rereads: list[int] = []
+    publisher = Publisher(
+        writer,
+        queue.Queue(),
+        b"/p/",
+        lambda: None,
+        Stats(),
+        rules=Rules(reread=lambda: rereads.append(1)),
+    )
+    spool = Spool(opened(tmp_path))
+    good, lost = spool.add([b"good", b"lost"])
+    publisher.inbox.put(FullRead(2, [(b"/p/a", good), (b"/p/b", corrupted(spool, lost))]))
+    publisher.inbox.put(Ended())
+    publisher.run()
+    assert read_tree(tmp_path / "config") == {"a": b"good"}
+    assert rereads == [1]
+    publisher.inbox.put(FullRead(3, [(b"/p/a", b"good"), (b"/p/b", b"lost")]))  # read again
+    publisher.inbox.put(Ended())
+    publisher.run()
+    assert read_tree(tmp_path / "config") == {"a": b"good", "b": b"lost"}
+    assert rereads == [1]
+
+
+def test_a_value_lost_after_the_flip_does_not_publish_the_change_again(tmp_path: Path) -> None:
+    """What reads values once a change is live (the expiry of certificates, status,
+    --verify-tls) must not turn a lost value into a failed write (the change was
+    published and signalled twice)."""
+    writer = SnapshotWriter(tmp_path / "config")
+    writer.recover()
+    signals: list[int] = []
+    publisher = Publisher(writer, queue.Queue(), b"/p/", lambda: signals.append(1) or None, Stats())
+    publisher.inbox.put(FullRead(2, [(b"/p/a", b"1")]))
+    publisher.inbox.put(Ended())
+    publisher.run()
+    spool = Spool(opened(tmp_path))
+    ref = spool.add([b"2"])[0]
+
+    def lost_on_second_read(files: object, changed: object) -> None:
+        corrupted(spool, ref)  # written already; lost before the expiry is read
+        real_update(files, changed)  # type: ignore[arg-type]
+
+    real_update = publisher.expiry.update
+    publisher.expiry.update = lost_on_second_read  # type: ignore[method-assign]
+    publisher.inbox.put(Batch(3, [Change(b"/p/a", ref)]))
+    publisher.inbox.put(Ended())
+    publisher.run()
+    assert signals == [1]  # once
+    assert publisher.stats.write_failures == 0
+
+
+def test_values_of_keys_the_rules_leave_out_are_not_kept(tmp_path: Path) -> None:
+    """A full read spools every value under the prefix; --include may take a few: the
+    rest must not stay on disk for as long as those few are current."""
+    intake = KeyIntake(b"/p/", 4096, KeySelection(include=("keep*",)), spool_at=opened(tmp_path))
+    spool = Spool(opened(tmp_path))
+    kvs = [(b"/p/skip%d" % i, b"s" * 10_000) for i in range(200)] + [(b"/p/keep", b"k")]
+    values = spool.add([v for _, v in kvs])
+    intake.absorb(FullRead(2, list(zip([k for k, _ in kvs], values, strict=True))))
+    del spool, kvs, values
+    intake.spill()  # between changes, after the first snapshot
+    gc.collect()
+    spools, current = intake.tree.spools()
+    assert current == 1 and sum(s.size for s in spools) <= 2 * current + intake.spill_bytes
+    assert len(spool_fds("self", tmp_path)) == 1
+    assert intake.tree.files == {"keep": b"k"}
+
+
+def test_a_spill_that_failed_is_not_tried_again_at_every_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the spill is not retried (a scan and a write each time) at every
+    housekeeping step, only once as much again is held."""
+    intake = KeyIntake(b"/p/", 4096, spool_at=opened(tmp_path))
+    intake.spill_bytes = 1000
+    tries: list[int] = []
+
+    def full(self: Spool, values: object) -> None:
+        tries.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Spool, "add", full)
+    intake.absorb(Batch(2, [Change(b"/p/a", b"a" * 1000)]))
+    for _ in range(50):
+        intake.spill()
+    assert tries == [1]
+    intake.absorb(Batch(3, [Change(b"/p/b", b"b" * 1000)]))
+    for _ in range(50):
+        intake.spill()
+    assert tries == [1, 1]
+    assert intake.tree.files == {"a": b"a" * 1000, "b": b"b" * 1000}
+
+
+def test_a_spool_goes_where_the_writer_writes_not_where_the_path_points(tmp_path: Path) -> None:
+    """The target's path replaced by a link elsewhere: values (private keys) never follow."""
+    target, elsewhere = tmp_path / "config", tmp_path / "elsewhere"
+    target.mkdir()
+    elsewhere.mkdir()
+    held = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    target.rename(tmp_path / "moved")
+    target.symlink_to(elsewhere)
+    spool = open_spool(held)
+    assert spool is not None
+    assert spool_fds("self", tmp_path / "moved") != []
+    assert spool_fds("self", elsewhere) == []
+    del spool
+    os.close(held)
