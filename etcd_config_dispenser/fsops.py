@@ -86,11 +86,12 @@ Stamps = frozenset[tuple[str, int, int]]
 
 
 def stamps(dir_fd: int, name: str, dirs: Iterable[str]) -> Stamps:
-    """(path, inode, mtime in ns) of a tree's root and of ``dirs`` below it, by lstat.
+    """(path, inode, ctime in ns) of a tree's root and of ``dirs`` below it, by lstat.
 
-    A directory's mtime changes whenever an entry in it is added, removed or
-    replaced: equal stamps later mean nobody changed what the tree holds
-    (a link or a missing directory stamps as inode 0).
+    A directory's ctime changes whenever an entry in it is added, removed or
+    replaced (and its mtime with it; but the mtime can be set back with
+    utime(), the ctime cannot): equal stamps later mean nobody changed what
+    the tree holds (a link or a missing directory stamps as inode 0).
     """
     out = set()
     for rel in ("", *dirs):
@@ -99,7 +100,7 @@ def stamps(dir_fd: int, name: str, dirs: Iterable[str]) -> Stamps:
             ok = stat.S_ISDIR(st.st_mode)
         except OSError:  # gone, or a link on the way (ELOOP): not as we left it
             ok = False
-        out.add((rel, st.st_ino, st.st_mtime_ns) if ok else (rel, 0, 0))
+        out.add((rel, st.st_ino, st.st_ctime_ns) if ok else (rel, 0, 0))
     return frozenset(out)
 
 
@@ -109,22 +110,21 @@ def unchanged(dir_fd: int, name: str, made: Stamps) -> bool:
 
 
 def walk(dir_fd: int) -> Generator[tuple[str, os.DirEntry[str]], None, None]:
-    """Every entry under an open directory, as (relative path, entry); links not followed."""
-    stack: list[tuple[int, str]] = [(os.dup(dir_fd), "")]
-    try:
-        while stack:
-            fd, prefix = stack.pop()
-            try:
-                for entry in os.scandir(fd):
-                    rel = prefix + entry.name
+    """Every entry under an open directory, as (relative path, entry); links not followed.
+
+    A directory is opened when the walk reaches it, through a ``Tree`` (at most
+    OPEN_DIRS_MAX open at once), so a walk kept open between steps holds a few
+    descriptors, not one per directory seen."""
+    with Tree(os.dup(dir_fd)) as tree:
+        todo = [""]
+        while todo:
+            prefix = todo.pop()
+            with os.scandir(tree.dir(prefix) if prefix else tree.fd) as entries:
+                for entry in entries:
+                    rel = f"{prefix}/{entry.name}" if prefix else entry.name
                     yield rel, entry
                     if entry.is_dir(follow_symlinks=False):
-                        stack.append((open_dir(entry.name, fd), rel + "/"))
-            finally:
-                os.close(fd)
-    finally:
-        for fd, _prefix in stack:
-            os.close(fd)
+                        todo.append(rel)
 
 
 class Tree:
@@ -198,9 +198,11 @@ class Tree:
         return True
 
     def remove(self, rel: str) -> None:
-        """Remove the file ``rel``, if there is one, and its directories left empty."""
-        if self.unlink(rel):
-            self.prune(rel.rpartition("/")[0])
+        """Remove the file ``rel``, if there is one, and its directories left empty (even
+        with no file there: an empty directory someone planted at a deleted key's place
+        would be served)."""
+        self.unlink(rel)
+        self.prune(rel.rpartition("/")[0])
 
     def prune(self, rel_dir: str) -> list[str]:
         """Remove ``rel_dir`` and its parents while they are empty; the ones removed."""

@@ -68,6 +68,7 @@ class Housekeeper:
         between changes. Errors are logged and the rest still runs; it is tried
         again next time.
         """
+        self.spares.drop_stale()  # before its directory is removed, a step at a time
         due = self.ledger.housekeeping(self.clock())
         for i, name in enumerate(due.delete):
             try:
@@ -130,8 +131,8 @@ class Housekeeper:
         except OSError:
             self.ledger.doom(spare.name, self.clock())
             raise
-        self.ledger.caught_up(spare)
-        spare.stamps = stamps(self._fd, spare.name, self._links.dirs)
+        self.ledger.caught_up(spare)  # stamped where a changed path was too (see stamp)
+        spare.stamps = stamps(self._fd, spare.name, self._links.dirs_with(paths))
 
     def spare(self, now: float) -> tuple[Snap, set[str]] | None:
         """The spare for the next change and the paths it lacks: one past its grace;

@@ -170,7 +170,6 @@ class Ledger:
         if previous is None or rejected is None:
             raise ValueError("no previous snapshot to go back to")
         self.previous = None
-        paths = self.journal[-1]
         rejected.retired_at = now
         if isinstance(previous, str):
             self.adopted, self.live = previous, None
@@ -179,6 +178,7 @@ class Ledger:
             if self.growing is not None:  # made from ours, not from what is live now
                 self.doom(self.growing.name, now)
             return previous, None
+        paths = self.journal[-1]  # (trimmed away only when what is back is not ours)
         self.journal.append(paths)  # the way back touches the same paths
         self.spares.remove(previous)
         self.spares.append(rejected)

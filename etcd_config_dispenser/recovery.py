@@ -105,6 +105,11 @@ def _check_live(target_fd: int, name: str, inventory: Inventory) -> None:
                     f"live snapshot {name!r} holds {rel!r}, which is not a file or directory"
                 )
                 return
+    except OSError as err:  # a directory of it replaced by a link while it was read
+        if err.errno not in NOT_A_DIR:
+            raise
+        inventory.problems.append(f"live snapshot {name!r} changed while it was read")
+        return
     finally:
         os.close(fd)
     inventory.live = name

@@ -50,7 +50,9 @@ class SpareCheck:
         self._stamping = True
         self._stamps: set[tuple[str, int, int]] = set()
         self._walker: Generator[tuple[str, os.DirEntry[str]], None, None] | None = None
-        self._files = 0  # regular files seen by the walk so far
+        self._files = 0  # regular files seen by the walk so far (then: not changed since)
+        self._to_count: list[str] | None = None  # changed paths still to look for, at the end
+        self._kept = 0  # live files it must hold
 
     def close(self) -> None:
         """Abandon the check (the walk holds open directories)."""
@@ -72,17 +74,26 @@ class SpareCheck:
         with Tree(open_dir(name, target_fd)) as spare, Tree(open_dir(live, target_fd)) as src:
             if self._walker is None:
                 self._walker = walk(spare.fd)  # its own descriptors, kept across steps
-            budget = CHECK_STEP
-            for rel, entry in self._walker:
-                budget -= self._look(spare, src, rel, entry, redone)
-                if budget <= 0:
-                    return False
-            self._walker = None
-            os.fsync(spare.fd)
-            inside = sum(1 for rel in redone if has_file(spare, rel))
-            kept = len(live_paths) - len(live_paths & redone)  # live files it must hold
-            if self._files - inside != kept:
-                raise FileNotFoundError(f"{name} lacks {kept - self._files + inside} live files")
+            if self._to_count is None:
+                budget = CHECK_STEP
+                for rel, entry in self._walker:
+                    budget -= self._look(spare, src, rel, entry, redone)
+                    if budget <= 0:
+                        return False
+                os.fsync(spare.fd)
+                # Counted against the paths changed by now (the walk checked against
+                # fewer: a path changed since was a live file then): the live files it
+                # must hold, and those of its files that are not such.
+                self._to_count = list(redone)
+                self._kept = len(live_paths) - len(live_paths & redone)
+            for rel in self._to_count[-CHECK_STEP:]:  # a step at a time: a burst's paths
+                self._files -= has_file(spare, rel)
+            del self._to_count[-CHECK_STEP:]
+            if self._to_count:
+                return False
+            if self._files != self._kept:
+                raise FileNotFoundError(f"{name} lacks {self._kept - self._files} live files")
+        self._walker = None
         self.spare.stamps = frozenset(self._stamps)
         return True
 
@@ -133,6 +144,7 @@ class SpareMaker:
         self._to_link: list[str] = []  # what the spare being made still lacks
         self._purged = 0  # the spare being made holds no path changed since this sequence
         self.checking: SpareCheck | None = None  # of the spare made, once every file is linked
+        self._redone: tuple[int, int, set[str]] = (-1, -1, set())  # (from seq, to seq, paths)
 
     def grow(self, stop: Callable[[], bool]) -> None:
         """Make the spares the ledger wants: hard links to the live files in a new
@@ -147,12 +159,10 @@ class SpareMaker:
         """
         ledger = self.ledger
         while True:  # one step at least, whatever the clock says
+            self.drop_stale()
             live = ledger.live
             if live is None:
                 return
-            if self.checking is not None and self.checking.spare is not ledger.growing:
-                self.checking.close()  # doomed meanwhile (a rollback, a failed step)
-                self.checking = None
             if ledger.growing is None:
                 if not ledger.to_grow():
                     return
@@ -167,6 +177,13 @@ class SpareMaker:
                 self._check_step(ledger.growing, live)
             if stop():
                 return
+
+    def drop_stale(self) -> None:
+        """Close the check of a spare doomed meanwhile (a rollback, a failed step): its
+        walk holds open directories of it."""
+        if self.checking is not None and self.checking.spare is not self.ledger.growing:
+            self.checking.close()
+            self.checking = None
 
     def _grow_step(self, spare: Snap, live: Snap) -> None:
         """Link the next GROW_STEP files of the spare being made."""
@@ -195,7 +212,7 @@ class SpareMaker:
         """The next step of the check of a spare whose files are all linked; once it is
         over, the spare joins the rotation (and is caught up at the next housekeeping:
         the check changes nothing, so paths changed meanwhile wait for that)."""
-        redone = self.ledger.changed_since(spare.seq)
+        redone = self._changed_since_start(spare)
         if self.checking is None:
             self.checking = SpareCheck(spare, self._links.dirs_with(redone))
         try:
@@ -208,6 +225,18 @@ class SpareMaker:
         if done:
             self.checking = None
             self.ledger.grown(spare)
+
+    def _changed_since_start(self, spare: Snap) -> set[str]:
+        """``ledger.changed_since(spare.seq)``, kept up to date rather than made anew at
+        each step (after a change of every key, that is O(keys) a step)."""
+        ledger = self.ledger
+        if self._redone[0] != spare.seq or self._redone[1] < ledger.base:
+            self._redone = (spare.seq, spare.seq, set())
+        start, seen, paths = self._redone
+        for entry in ledger.journal[seen - ledger.base :]:
+            paths |= entry
+        self._redone = (start, ledger.seq, paths)
+        return paths
 
     def stamp(self, spare: Snap) -> None:
         """Note how a spare looks (see fsops.stamps): every directory it holds, the live

@@ -231,3 +231,65 @@ def test_a_spare_changed_at_any_step_of_its_check_is_never_used(
         )
         assert read_tree(target) == tree.files
         assert "evil" not in {p.name for p in (target / DATA_LINK).rglob("*")}
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def open_files() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own
+            continue
+    return found
+
+
+def test_a_check_holds_a_few_descriptors_between_steps_whatever_the_directories(
+    tmp_path: Path,
+) -> None:
+    """The walk of a check is kept between steps: it once held a descriptor for every
+    directory it had seen (950 of them ran a publish out of descriptors under the usual
+    limit of 1024)."""
+    target = tmp_path / "config"
+    writer = SnapshotWriter(target, max_spares=1)
+    writer.recover()
+    tree = KeyTree()
+    changed: set[str] = set()
+    for i in range(600):
+        changed |= tree.put(f"d{i:04d}/k", b"v")
+    writer.publish(tree.files, changed, 1)
+    writer.settle()
+    before, most = fds(), 0
+    while writer.ledger.growing is not None or most == 0:
+        writer.maintain(step=0.0)
+        most = max(most, fds() - before)
+    assert fds() == before
+    assert most <= 70  # fsops.OPEN_DIRS_MAX and a few
+
+
+def test_a_rollback_to_a_previous_process_snapshot_after_housekeeping(tmp_path: Path) -> None:
+    """The journal is trimmed by then (nothing of ours is older than the live one): the
+    rollback once read its last entry anyway, and stopped the publisher (IndexError)."""
+    target = tmp_path / "config"
+    tree = KeyTree()
+    changed: set[str] = set()
+    for i in range(300):
+        changed |= tree.put(f"d{i:03d}/k", b"v")
+    old = SnapshotWriter(target)  # a previous process
+    old.recover()
+    old.publish(tree.files, changed, 1)
+    old.settle()
+    before, held = read_tree(target), fds()
+    writer = SnapshotWriter(target, max_spares=1)
+    writer.recover()
+    writer.publish(tree.files, tree.put("d000/k", b"2"), 2)  # over the adopted one
+    maker = writer._housekeeper.spares
+    while maker.checking is None or maker.checking._walker is None:
+        writer.maintain(step=0.0)  # a spare begun, linked, stamped, its walk begun
+    writer.rollback()
+    assert read_tree(target) == before
+    writer.maintain()
+    assert fds() <= held + 1, "\n".join(open_files())  # the target; no walk left open

@@ -295,3 +295,57 @@ def test_a_symlink_loop_planted_in_a_spare_does_not_stop_publishing(tmp_path: Pa
         os.symlink("sub", target / spare / "sub")  # a link to itself: ELOOP on the way
     change(writer, tree, 3, b"NEW")
     assert read_tree(target) == {"k": b"NEW", "other": b"o", "sub/deeper/x": b"1"}
+
+
+def test_a_planted_file_with_its_directory_time_set_back_is_never_served(tmp_path: Path) -> None:
+    """Someone owning the target's directories plants a file in a spare and sets the
+    directory's mtime back (utime): the stamps use the ctime, which cannot be set back."""
+    clock = Clock()
+    target = tmp_path / "config"
+    writer, tree = writer_with(target, 50, clock=clock, max_spares=1)
+    writer.maintain()  # a spare made and checked
+    (spare,) = writer.ledger.spares
+    path = target / spare.name
+    st = os.stat(path)
+    (path / "evil").write_bytes(b"EVIL")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    clock.now += 1
+    writer.publish(tree.files, tree.put("k0001", b"x"), 2)
+    assert "evil" not in os.listdir(target / "..data")
+    assert read_tree(target) == tree.files
+
+
+@pytest.mark.parametrize("when", ["used", "caught up, then a file planted"])
+def test_an_empty_directory_planted_where_a_deleted_key_was_is_never_served(
+    tmp_path: Path, when: str
+) -> None:
+    """A key comes and goes while a spare is linked: its directory is one a spare may
+    hold. An empty one planted there passed the check and was served as ``..data/n``;
+    once the spare was caught up, it was not stamped, and a file planted in it was
+    served. (Removing a path now prunes its directories even when no file was there.)"""
+    clock = Clock()
+    target = tmp_path / "config"
+    writer, tree = writer_with(target, 200, clock=clock, max_spares=1)
+    writer.maintain(step=0.0)  # the spare's first links
+    growing = writer.ledger.growing
+    assert growing is not None
+    spare = target / growing.name
+    writer.publish(tree.files, tree.put("n/k", b"v"), 2)
+    writer.settle()
+    writer.publish(tree.files, tree.delete("n/k"), 3)
+    writer.settle()
+    os.mkdir(spare / "n")  # planted, empty, before the check stamps the spare
+    while writer.ledger.growing is not None:
+        writer.maintain(step=0.0)
+    clock.now += 1
+    if when != "used":
+        writer.maintain()  # caught up
+        if (spare / "n").is_dir():
+            (spare / "n" / "evil").write_bytes(b"EVIL")
+    revision = 4
+    while spare.exists() and revision < 9:  # the rotation goes round to it
+        writer.publish(tree.files, tree.put("k0001", b"%d" % revision), revision)
+        writer.settle()
+        revision += 1
+    assert read_tree(target) == tree.files
+    assert not (target / "..data" / "n").exists()
