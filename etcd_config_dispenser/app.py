@@ -140,7 +140,9 @@ def run(options: Options, etcd: EtcdConfig) -> int:
                 else None
             ),
             rollback_on_failure=options.rollback_on_failure,
-            reread=source.interrupt,  # the watch is cut: the session reads everything again
+            # The watch is cut: the session reads everything again (a read in progress,
+            # if any, brings every value anew anyway: no later watch is cut).
+            reread=lambda: source.interrupt(later=False),
         ),
     )
     log.info(

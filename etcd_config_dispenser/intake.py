@@ -1,7 +1,8 @@
 """Key rules applied to what etcd says: the key tree the snapshots are made from.
 
 The second step of the flow (etcd events -> key rules -> snapshot -> signal):
-pure, no I/O, so it is tested on plain data.
+plain data in and out, so it is tested without etcd; its one I/O is spooling
+values held in memory (``spill``, see ``values``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from .events import Batch, FullRead
 from .keys import InvalidKey, KeyTree, key_to_relpath, show
 from .logs import fields
 from .rules import KeySelection
-from .values import Value, open_spool
+from .values import Spool, Value, open_spool
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ class KeyIntake:
         self.max_path = max_path
         self.selection = selection or KeySelection()  # --include/--exclude
         self.spool_at = spool_at  # the open directory values spill to (``spill``)
-        self._waste_unknown = False  # a full read came: its spool may hold what no key has
         self._failed_at: int | None = None  # ``held`` when a spill last failed
+        self._spill_failed = False  # a spill failed once (said once, in the log)
+        self._repair: set[str] = set()  # lost values: changed at the next full read
         self.spill_bytes = SPILL_BYTES
         self.tree = KeyTree()
         self._invalid: set[bytes] = set()  # keys in etcd now that the key rules refuse
@@ -110,8 +112,9 @@ class KeyIntake:
                 extra=fields("key_skipped", revision=revision),
             )
         old, self.tree = self.tree, tree
-        self._waste_unknown = True  # see ``spill``
-        return old.differs(tree)
+        self._failed_at = None  # a new spool, perhaps a disk with room again
+        repaired, self._repair = self._repair, set()
+        return old.differs(tree) | repaired
 
     def spill(self) -> None:
         """Spool the values held in memory once they pass SPILL_BYTES: values from watch
@@ -119,41 +122,50 @@ class KeyIntake:
         the number of keys, not their size (see ``values``). One spool per spill; each
         goes with its last value. Where there can be no spool, they stay in memory.
 
-        A spool stays whole while any value in it is current: one key that never
+        A spool stays whole while any value in it is current: a key that never
         changes again pins a spool of others' old values, and a full read's spool
-        holds the values of keys the rules leave out. So when the spools hold
-        more than twice the current values (plus a spill), or more than
-        MAX_SPOOLS files, every value moves to the new one and the others go:
-        rewriting costs at most about a byte per byte spilled since the last time.
-        A spill that failed is not tried again before as much more is held.
+        holds the values of keys the rules leave out, and of keys deleted since.
+        So the spools more than half stale are drained into the new one (which
+        costs less than the stale bytes it frees), and past MAX_SPOOLS files the
+        least used half too: the spools never hold much more than twice the
+        current values. A spill that failed is not tried again before as much
+        more is held, or the next full read.
         """
         held = self.tree.held
         if self._failed_at is not None and held < self._failed_at + self.spill_bytes:
             return  # failed lately: not again at each step (a full disk)
-        spools, current = self.tree.spools()
-        wasteful = len(spools) >= MAX_SPOOLS or (
-            sum(s.size for s in spools) > 2 * current + self.spill_bytes
-        )
-        if held < self.spill_bytes and not (self._waste_unknown and wasteful):
-            self._waste_unknown = False
+        drain = self._to_drain()
+        if held < self.spill_bytes and not drain:
             return
-        self._waste_unknown = False
         spool = open_spool(self.spool_at)
         try:
             if spool is None:
                 raise OSError("no spool can be made in the target")
-            self.tree.spill(spool, every=wasteful)
+            self.tree.spill(spool, drain)
             self._failed_at = None
-        except OSError as err:  # a full disk: they stay in memory for now
+        except OSError as err:  # a full disk, no O_TMPFILE: they stay in memory for now
             self._failed_at = held
-            log.warning("could not spool values: %s; they stay in memory for now", err)
+            log_once = log.warning if not self._spill_failed else log.debug
+            log_once("could not spool values: %s; they stay in memory for now", err)
+            self._spill_failed = True
+
+    def _to_drain(self) -> set[Spool]:
+        """The spools to empty into the next one (see ``spill``)."""
+        use = self.tree.spool_use()
+        drain = {spool for spool, current in use.items() if 2 * current < spool.size}
+        if len(use) - len(drain) >= MAX_SPOOLS:  # too many files: the least used half
+            rest = sorted((s for s in use if s not in drain), key=use.__getitem__)
+            drain.update(rest[: len(rest) // 2 + 1])
+        return drain
 
     def lost(self) -> bool:
         """Whether a value could not be read back from its spool since last asked (logged:
-        the caller asks etcd for everything again; until then the key is not written)."""
+        the caller asks etcd for everything again; until then the key is not written,
+        and what was made of it, its expiry, its digest, is made again after)."""
         if not self.tree.unreadable:
             return False
         lost = sorted(self.tree.unreadable)
+        self._repair |= self.tree.unreadable
         self.tree.unreadable.clear()
         log.error("cannot read back the value of %s: reading everything again", show(lost[0]))
         return True

@@ -1,16 +1,18 @@
 """Key -> path rules: which etcd keys become which files, and which are refused.
 
-Pure functions and data, no I/O. Everything that decides whether a key may
-touch the disk lives here, so that it can be tested as a table.
+Pure functions and data: everything that decides whether a key may touch
+the disk lives here, so that it can be tested as a table. The one I/O is
+the values' (``values``): the key tree reads a spooled value when asked for
+it, and ``KeyTree.spill`` moves values to a spool.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from .layout import RESERVED_PREFIX
-from .values import Spool, Spooled, Value, ValueView, as_bytes, same
+from .values import Spool, Spooled, SpoolError, Value, ValueView, as_bytes, same
 
 MAX_NAME = 255  # bytes in one path segment (NAME_MAX on Linux filesystems)
 MAX_PATH = 4096  # bytes in a whole path (PATH_MAX)
@@ -128,6 +130,7 @@ class KeyTree:
         self._files: dict[str, Value] = {}  # the visible ones
         self._sorted: list[str] = []
         self.held = 0  # bytes of the values held in memory (not spooled)
+        self._held_paths: set[str] = set()  # the keys whose value is held in memory
         self._spools: dict[Spool, list[int]] = {}  # spool -> [values, bytes] current in it
         self.unreadable: set[str] = set()  # paths whose spooled value could not be read
 
@@ -135,6 +138,10 @@ class KeyTree:
         self._count(self.values.get(path), -1)
         self._count(value, 1)
         self.values[path] = value
+        if isinstance(value, bytes):
+            self._held_paths.add(path)
+        else:
+            self._held_paths.discard(path)
 
     def _count(self, value: Value | None, sign: int) -> None:
         """Keep ``held`` and the use of each spool (no scan of every key to know them)."""
@@ -147,22 +154,33 @@ class KeyTree:
             if not use[0]:
                 del self._spools[value.spool]
 
-    def spill(self, spool: Spool, every: bool = False) -> None:
-        """Move the values held in memory to ``spool``; ``every``: the spooled ones too
-        (read back, a page at a time). Raises OSError: then nothing moved."""
-        moving = [(p, v) for p, v in self.values.items() if every or isinstance(v, bytes)]
-        refs: list[Spooled] = []
-        for start in range(0, len(moving), SPILL_PAGE):
-            page = moving[start : start + SPILL_PAGE]
-            refs += spool.add([as_bytes(v) for _p, v in page])
-        for (path, _value), ref in zip(moving, refs, strict=True):
+    def spill(self, spool: Spool, drain: Collection[Spool] = ()) -> None:
+        """Move the values held in memory, and those in the spools ``drain``, to ``spool``
+        (read back a page at a time; one that cannot be stays, noted ``unreadable``).
+        Raises OSError: then nothing moved."""
+        paths = list(self._held_paths)
+        if drain:  # a scan of every key: only when spools are drained (rarely)
+            paths += [
+                p for p, v in self.values.items() if isinstance(v, Spooled) and v.spool in drain
+            ]
+        moved: list[tuple[str, Spooled]] = []
+        for start in range(0, len(paths), SPILL_PAGE):
+            page = []
+            for path in paths[start : start + SPILL_PAGE]:
+                try:
+                    page.append((path, as_bytes(self.values[path])))
+                except SpoolError:
+                    self.unreadable.add(path)
+            refs = spool.add([value for _path, value in page])
+            moved += zip([path for path, _value in page], refs, strict=True)
+        for path, ref in moved:
             self._set(path, ref)
             if path in self._files:
                 self._files[path] = ref
 
-    def spools(self) -> tuple[list[Spool], int]:
-        """The spools the values are in, and the bytes of those values."""
-        return list(self._spools), sum(use[1] for use in self._spools.values())
+    def spool_use(self) -> dict[Spool, int]:
+        """The spools the values are in, with the bytes of the values current in each."""
+        return {spool: use[1] for spool, use in self._spools.items()}
 
     @property
     def files(self) -> ValueView:
@@ -212,8 +230,8 @@ class KeyTree:
         """Remove a key; return the file paths whose content or presence changed."""
         if path not in self.values:
             return set()
-        self._set(path, b"")
-        del self.values[path]
+        self._count(self.values.pop(path), -1)
+        self._held_paths.discard(path)
         del self._sorted[bisect.bisect_left(self._sorted, path)]
         if self._files.pop(path, None) is None:
             return set()

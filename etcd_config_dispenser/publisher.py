@@ -258,6 +258,7 @@ class Publisher:
         retry_at: float | None = None  # after a failed write
         failures = 0
         housekeeping_at: float | None = None
+        event: Event | None = None
         expiry_at = self.clock() + HOUR  # a certificate nearing its end, changed or not
         while True:
             gate_at = self.gate.recheck_at if self.gate else None
@@ -267,7 +268,8 @@ class Publisher:
             timeout = max(0.0, min(waits) - self.clock()) if waits else None
             events = take(self.inbox, timeout)
             ended = bool(events) and isinstance(events[-1], Ended)
-            for event in events:
+            while events:  # each one dropped once absorbed: a full read's spool goes with it
+                event = events.pop(0)
                 if isinstance(event, Ended):  # last: what came before it is still published
                     window = None
                     break
@@ -279,6 +281,7 @@ class Publisher:
                     window = None
                 else:
                     window = (window[0] if window else now, now)
+            event = None
             now = self.clock()
             if window is not None and self.wait is not None:
                 if now < window_closes(*window, *self.wait):
@@ -342,8 +345,7 @@ class Publisher:
             self.stats.served(revision, self.writer.serving)
             return
         _log_skipped(revision, result.failed)
-        # --check, whenever there is a snapshot to go back to: after every change,
-        # and at start-up over a snapshot a previous process left.
+        # --check, whenever there is a snapshot to go back to (a previous run's too).
         if self.check is not None and self.writer.can_roll_back:
             code, output = self.check()
             if code != 0:

@@ -5,9 +5,10 @@ change is applied to instead of copying every file (see ``ledger``). Making
 one costs a link per file (40-150 ms at 10,000 files here), so it is made
 GROW_STEP links at a time, between changes and while a change waits for a
 spare's grace, and then checked a step at a time too (``SpareCheck``): it
-was open to anyone with write access to the target meanwhile. No step costs
-more than a fraction of a millisecond, whatever the number of files: a
-change that comes waits for one step at most.
+was open to anyone with write access to the target meanwhile. A step costs
+about a millisecond at most, whatever the number of files (the first step
+of a check sorts the directories: 17 ms at 50,000 of them): a change that
+comes waits for one step at most.
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ class SpareMaker:
                 Tree(open_dir(live.name, self._fd)) as src,
             ):
                 # What changed since the last step goes at once: a deleted key's value
-                # must not wait for the spare to be complete (linked anew if live).
+                # must not wait for the spare to be linked whole (linked anew if live);
+                # during its check (which changes nothing) it waits for the catch-up.
                 for rel in self.ledger.changed_since(self._purged):
                     tree.remove(rel)  # and its directories left empty
                 self._purged = self.ledger.seq

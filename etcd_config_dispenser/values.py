@@ -1,19 +1,22 @@
-"""Where the values of a full read are kept: in a spool file, not in memory.
+"""Where the values are kept: in spool files, not in memory.
 
 A full read brings every value at once (10 MB at 10,000 keys of 1 KiB, 50 MB
 at 50,000), and they stay current until etcd changes them, which for most keys
 is never: held in memory, they set the process's size. So the session writes
 each page of a full read to a spool as it arrives, and the key tree keeps, per
-key, only where its value is and its digest (about 150 bytes): memory grows
-with the number of keys, not with their size. Values that arrive in watch
-responses are few and stay in memory.
+key, only where its value is (a reference and an index, about 80 bytes; the
+spool keeps its end and digest in arrays, 24 bytes): memory grows with the
+number of keys, not with their size. Values that arrive in watch responses
+stay in memory until they add up to 1 MiB, then go to a spool of their own
+(``KeyIntake.spill``, which also drains the spools that are mostly stale).
 
 The spool is an unnamed file (``O_TMPFILE``) on the target's filesystem,
 where the values are going anyway: nobody can open it by a name (the target
 is shared territory), and it goes when the last value in it is replaced. It
-costs disk (or, on tmpfs, memory outside the process) the size of the values
-of the full read. Where ``O_TMPFILE`` is not supported, or the spool cannot be
-written (a full disk), values stay in memory, as before: never a failure.
+costs disk (or, on tmpfs, memory outside the process) about the size of the
+values, at most about twice (three times while a full read comes in).
+Where ``O_TMPFILE`` is not supported, or the spool cannot be written (a
+full disk), values stay in memory, as before: never a failure.
 
 A value read back is checked against its digest (a spool changed under us,
 or a failing disk, raises ``SpoolError``, never serves another value: the key
@@ -89,15 +92,17 @@ class Spool:
     def read(self, index: int) -> bytes:
         """Value ``index``, checked against its digest (never another value)."""
         offset, size = self.span(index)
+        data = b""
         try:
-            data = os.pread(self._fd, size, offset)
+            while len(data) < size:  # short reads: only at a file's end, which this is not
+                more = os.pread(self._fd, size - len(data), offset + len(data))
+                if not more:
+                    raise SpoolError(errno.EIO, "the spool of values is shorter than written")
+                data += more
+        except SpoolError:
+            raise
         except OSError as err:
             raise SpoolError(err.errno, f"cannot read a spooled value: {err.strerror}") from err
-        while len(data) < size:  # short reads: only at the end of a file, which this is not
-            more = os.pread(self._fd, size - len(data), offset + len(data))
-            if not more:
-                raise SpoolError(errno.EIO, "the spool of values is shorter than written")
-            data += more
         if digest(data) != self.digest(index):
             raise SpoolError(errno.EIO, "a spooled value changed since it was written")
         return data

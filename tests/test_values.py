@@ -28,7 +28,16 @@ from etcd_config_dispenser.rules import KeySelection
 from etcd_config_dispenser.session import EtcdSession
 from etcd_config_dispenser.snapshot import SnapshotWriter
 from etcd_config_dispenser.source import EtcdSource
-from etcd_config_dispenser.values import Spool, Spooled, Value, ValueView, kept, open_spool, same
+from etcd_config_dispenser.values import (
+    Spool,
+    Spooled,
+    SpoolError,
+    Value,
+    ValueView,
+    kept,
+    open_spool,
+    same,
+)
 
 CATCHES_HUP = ("sh", "-c", "trap 'echo hup' HUP; while :; do sleep 0.05; done")
 _OPENED: dict[Path, int] = {}
@@ -160,8 +169,14 @@ def test_a_tree_of_spooled_values_changes_exactly_where_bytes_differ(
 
 def test_a_view_reads_spooled_values_only_when_asked(tmp_path: Path) -> None:
     spool = Spool(opened(tmp_path))
-    view = ValueView({"a": b"1", "b": spool.add([b"2"])[0]})
-    assert len(view) == 2 and "b" in view and "c" not in view
+    ref = spool.add([b"2"])[0]
+    view = ValueView({"a": b"1", "b": ref})
+    os.pwrite(spool._fd, b"X", 0)  # unreadable from now on: only asking for it fails
+    assert len(view) == 2 and "b" in view and "c" not in view and sorted(view) == ["a", "b"]
+    assert view["a"] == b"1"
+    with pytest.raises(SpoolError):
+        view["b"]
+    os.pwrite(spool._fd, b"2", 0)
     assert view == {"a": b"1", "b": b"2"}
     assert view.get("c") is None
 
@@ -210,7 +225,7 @@ def test_the_dispenser_spools_its_full_read_and_frees_it_with_the_last_value(
 @given(
     steps=st.lists(
         st.tuples(
-            st.sampled_from(["put", "delete", "spill"]),
+            st.sampled_from(["put", "delete", "spill", "drain"]),
             st.sampled_from(["a", "b", "a/c", "d/e", "d"]),
             st.binary(max_size=5),
         ),
@@ -224,16 +239,22 @@ def test_spilling_values_held_in_memory_changes_no_file(
     spilled, and ``held`` counts exactly the bytes still in memory."""
     tree, plain = KeyTree(), KeyTree()
     for action, path, value in steps:
-        if action == "spill":
-            tree.spill(Spool(opened(tmp_path_factory.getbasetemp())))
+        if action in ("spill", "drain"):
+            drain = set(tree.spool_use()) if action == "drain" else set()
+            tree.spill(Spool(opened(tmp_path_factory.getbasetemp())), drain)
             assert not any(isinstance(v, bytes) for v in tree.values.values())
             assert not any(isinstance(v, bytes) for v in tree._files.values())  # none kept
-            continue
-        if action == "put":
+            assert len(tree.spool_use()) <= 1 or not drain
+        elif action == "put":
             assert tree.put(path, value) == plain.put(path, value)
         else:
             assert tree.delete(path) == plain.delete(path)
         assert tree.held == sum(len(v) for v in tree.values.values() if isinstance(v, bytes))
+        use: dict[Spool, int] = {}  # what each spool holds that is current, counted anew
+        for v in tree.values.values():
+            if isinstance(v, Spooled):
+                use[v.spool] = use.get(v.spool, 0) + v.size
+        assert tree.spool_use() == use
     assert dict(tree.files) == dict(plain.files)
 
 
@@ -283,9 +304,9 @@ def test_spools_pinned_by_keys_that_never_change_are_made_one(tmp_path: Path) ->
         changes.append(Change(b"/p/cold%d" % round_, b"c%d" % round_))
         intake.absorb(Batch(round_ + 2, changes))
         intake.spill()
-        spools, current = intake.tree.spools()
-        assert len(spools) <= MAX_SPOOLS
-        assert sum(s.size for s in spools) <= 2 * current + 2 * intake.spill_bytes
+        use = intake.tree.spool_use()
+        assert len(use) <= MAX_SPOOLS
+        assert sum(s.size for s in use) <= 2 * sum(use.values()) + 2 * intake.spill_bytes
     assert intake.tree.held == 0  # every round spilled
     assert all(intake.tree.files[f"warm{i}"] == changes[i].value for i in range(10))
     assert all(intake.tree.files[f"cold{i}"] == b"c%d" % i for i in range(200))
@@ -301,7 +322,7 @@ def test_spools_of_values_still_current_are_made_one_past_max_spools(tmp_path: P
         changes = [Change(b"/p/k%d-%d" % (round_, i), b"v" * 100) for i in range(10)]
         intake.absorb(Batch(round_ + 2, changes))
         intake.spill()
-        assert len(intake.tree.spools()[0]) <= MAX_SPOOLS
+        assert len(intake.tree.spool_use()) <= MAX_SPOOLS
     assert len(intake.tree.files) == 30 * MAX_SPOOLS
 
 
@@ -379,8 +400,8 @@ def test_values_of_keys_the_rules_leave_out_are_not_kept(tmp_path: Path) -> None
     del spool, kvs, values
     intake.spill()  # between changes, after the first snapshot
     gc.collect()
-    spools, current = intake.tree.spools()
-    assert current == 1 and sum(s.size for s in spools) <= 2 * current + intake.spill_bytes
+    use = intake.tree.spool_use()
+    assert sum(use.values()) == 1 and sum(s.size for s in use) <= 2
     assert len(spool_fds("self", tmp_path)) == 1
     assert intake.tree.files == {"keep": b"k"}
 
@@ -424,3 +445,43 @@ def test_a_spool_goes_where_the_writer_writes_not_where_the_path_points(tmp_path
     assert spool_fds("self", elsewhere) == []
     del spool
     os.close(held)
+
+
+def test_a_spool_pinned_by_the_last_of_many_deleted_keys_is_drained(tmp_path: Path) -> None:
+    """Deletes hold nothing new in memory, so they never made a spill: a full read's
+    spool stayed whole, pinned by the one key left."""
+    intake = KeyIntake(b"/p/", 4096, spool_at=opened(tmp_path))
+    spool = Spool(opened(tmp_path))
+    values = spool.add([b"v" * 10_000 for _ in range(100)])
+    intake.absorb(FullRead(2, [(b"/p/k%d" % i, v) for i, v in enumerate(values)]))
+    del spool, values
+    intake.absorb(Batch(3, [Change(b"/p/k%d" % i, None) for i in range(1, 100)]))
+    intake.spill()
+    use = intake.tree.spool_use()
+    assert sum(s.size for s in use) <= 2 * sum(use.values())
+    gc.collect()
+    assert len(spool_fds("self", tmp_path)) == 1
+    assert intake.tree.files == {"k0": b"v" * 10_000}
+
+
+def test_the_publisher_does_not_keep_a_full_read_once_absorbed(tmp_path: Path) -> None:
+    """It waited for the next event still holding the last one: a full read's whole
+    list, and its spool with the values of keys the rules leave out, for hours."""
+    writer = SnapshotWriter(tmp_path / "config")
+    writer.recover()
+    inbox: queue.Queue[Event] = queue.Queue()
+    rules = Rules(selection=KeySelection(include=("keep",)))
+    publisher = Publisher(writer, inbox, b"/p/", lambda: None, Stats(), rules=rules)
+    thread = publisher.start()
+    try:
+        spool = Spool(opened(tmp_path))
+        kvs = [(b"/p/skip%d" % i, b"s" * 1000) for i in range(300)] + [(b"/p/keep", b"k")]
+        values = spool.add([v for _k, v in kvs])
+        inbox.put(FullRead(2, [(k, v) for (k, _v), v in zip(kvs, values, strict=True)]))
+        del spool, values
+        busy_wait(lambda: (tmp_path / "config" / "keep").exists())
+        busy_wait(lambda: len(spool_fds("self", tmp_path / "config")) == 1)  # drained into
+        busy_wait(lambda: spool_fds("self", tmp_path) == [])  # and the event not held
+    finally:
+        inbox.put(Ended())
+        thread.join(10)
