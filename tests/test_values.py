@@ -485,3 +485,20 @@ def test_the_publisher_does_not_keep_a_full_read_once_absorbed(tmp_path: Path) -
     finally:
         inbox.put(Ended())
         thread.join(10)
+
+
+def test_a_lost_value_is_made_again_at_the_next_full_read(tmp_path: Path) -> None:
+    """The next full read brings the same value: by digest nothing changed, but what was
+    made of it (its file, its expiry, its status digest) was not: it counts as changed."""
+    intake = KeyIntake(b"/p/", 4096, spool_at=opened(tmp_path))
+    spool = Spool(opened(tmp_path))
+    a, b = spool.add([b"A", b"B"])
+    intake.absorb(FullRead(2, [(b"/p/a", a), (b"/p/b", b)]))
+    corrupted(spool, a)
+    with pytest.raises(SpoolError):
+        intake.tree.files["a"]
+    assert intake.lost() and not intake.lost()  # said once
+    again = Spool(opened(tmp_path)).add([b"A", b"B"])
+    changed = intake.absorb(FullRead(3, [(b"/p/a", again[0]), (b"/p/b", again[1])]))
+    assert changed == {"a"}
+    assert intake.tree.files["a"] == b"A"
