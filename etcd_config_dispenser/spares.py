@@ -42,6 +42,9 @@ class SpareCheck:
     Every live file must be there, same inode, and every entry there must be a
     live file or one of the live snapshot's directories, except the paths
     changed since the spare was started (``redone``: rewritten when it is used).
+    The first is proved by a count at the end (a step at a time too): the files
+    seen, less those at changed paths, must be as many as the live files not
+    changed; each of them was matched by inode on the way.
     """
 
     def __init__(self, spare: Snap, dirs: set[str]) -> None:
