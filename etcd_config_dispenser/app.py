@@ -140,9 +140,7 @@ def run(options: Options, etcd: EtcdConfig) -> int:
                 else None
             ),
             rollback_on_failure=options.rollback_on_failure,
-            # The watch is cut: the session reads everything again (a read in progress,
-            # if any, brings every value anew anyway: no later watch is cut).
-            reread=lambda: source.interrupt(later=False),
+            reread=session.reread,  # a value lost from its spool: etcd has it
         ),
     )
     log.info(

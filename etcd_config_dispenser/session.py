@@ -54,12 +54,20 @@ class EtcdSession:
         self.backoff_max = backoff_max
         self.liveness_interval = liveness_interval
         self.stopping = threading.Event()
+        self._rereading = threading.Event()  # asked to read everything again (see reread)
         self.sleep = sleep or self._sleep
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="etcd-session", daemon=True)
         thread.start()
         return thread
+
+    def reread(self) -> None:
+        """Read everything again, now (from any thread): a value was lost from its spool
+        (see ``values``). The watch is cut; a full read in progress brings every value
+        anew anyway, so no later watch is."""
+        self._rereading.set()
+        self.source.interrupt(later=False)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -149,6 +157,10 @@ class EtcdSession:
                 extra=fields("compacted", revision=revision + 1),
             )
         except EtcdUnavailable as err:
+            if self._rereading.is_set() and not self.stopping.is_set():
+                self._rereading.clear()  # cut on purpose: no failure, no backoff
+                log.info("r%d: reading everything again", revision, extra=fields("reread"))
+                return
             if self.stopping.is_set() or time.monotonic() - started < HEALTHY_AFTER:
                 raise
             self.stats.etcd_failed(str(err))

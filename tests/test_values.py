@@ -34,6 +34,7 @@ from etcd_config_dispenser.values import (
     SpoolError,
     Value,
     ValueView,
+    as_bytes,
     kept,
     open_spool,
     same,
@@ -502,3 +503,27 @@ def test_a_lost_value_is_made_again_at_the_next_full_read(tmp_path: Path) -> Non
     changed = intake.absorb(FullRead(3, [(b"/p/a", again[0]), (b"/p/b", again[1])]))
     assert changed == {"a"}
     assert intake.tree.files["a"] == b"A"
+
+
+def test_a_reread_reads_everything_again_and_is_no_etcd_failure(
+    etcd_server: object, etcd: object, prefix: str, tmp_path: Path
+) -> None:
+    """What the publisher asks for when a value is lost from its spool: a new full read,
+    at once, not counted as an etcd failure nor backed off."""
+    etcd.put(prefix + "a", b"1")  # type: ignore[attr-defined]
+    endpoint = etcd_server.endpoint  # type: ignore[attr-defined]
+    source = EtcdSource(load({"ETCD_ENDPOINTS": endpoint}), prefix.encode())
+    inbox: queue.Queue[Event] = queue.Queue()
+    stats = Stats()
+    session = EtcdSession(source, inbox, stats, spool_at=opened(tmp_path))
+    threading.Thread(target=session.run, daemon=True).start()
+    try:
+        assert isinstance(inbox.get(timeout=10), FullRead)
+        busy_wait(lambda: source._stream is not None)  # watching
+        session.reread()
+        again = inbox.get(timeout=10)
+    finally:
+        session.stop()
+    assert isinstance(again, FullRead)
+    assert {k: as_bytes(v) for k, v in again.kvs} == {(prefix + "a").encode(): b"1"}
+    assert stats.etcd_failures == 0
