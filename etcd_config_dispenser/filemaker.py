@@ -281,9 +281,15 @@ def _is_file(dir_fd: int, name: str) -> bool:
 
 def has_file(tree: Tree, rel: str) -> bool:
     """Whether ``rel`` is a regular file in ``tree`` (links and directories are not)."""
+    return file_inode(tree, rel) is not None
+
+
+def file_inode(tree: Tree, rel: str) -> int | None:
+    """The inode of the regular file ``rel`` in ``tree``; None if there is none there."""
     try:
-        return _is_file(*tree.parent(rel))
+        st = lstat_at(*tree.parent(rel))
     except OSError as err:
         if err.errno in ABSENT:
-            return False
+            return None
         raise
+    return st.st_ino if st is not None and stat.S_ISREG(st.st_mode) else None

@@ -14,11 +14,10 @@ comes waits for one step at most.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections.abc import Callable, Generator
 
-from .filemaker import ABSENT, FileMaker, has_file
+from .filemaker import FileMaker, file_inode, has_file
 from .fsops import Tree, open_dir, stamps, walk
 from .layout import snapshot_name
 from .ledger import Ledger, Snap
@@ -112,21 +111,9 @@ class SpareCheck:
             return DIR_WEIGHT
         if entry.is_file(follow_symlinks=False):
             self._files += 1
-            if rel in redone or _inode(src, rel) == entry.inode():
+            if rel in redone or file_inode(src, rel) == entry.inode():
                 return 1
         raise FileExistsError(f"{self.spare.name}/{rel} was not made by us: not used")
-
-
-def _inode(tree: Tree, rel: str) -> int | None:
-    """The inode of the regular file ``rel`` in ``tree``; None if there is none."""
-    try:
-        parent, leaf = tree.parent(rel)
-        st = os.lstat(leaf, dir_fd=parent)
-    except OSError as err:
-        if err.errno in ABSENT:
-            return None
-        raise
-    return st.st_ino if stat.S_ISREG(st.st_mode) else None
 
 
 class SpareMaker:
