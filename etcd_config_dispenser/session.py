@@ -64,10 +64,11 @@ class EtcdSession:
 
     def reread(self) -> None:
         """Read everything again, now (from any thread): a value was lost from its spool
-        (see ``values``). The watch is cut; a full read in progress brings every value
-        anew anyway, so no later watch is."""
+        (see ``values``). The watch is cut, or the next one if none is open (a full read
+        already put in the inbox may have been the one the lost value came from); the
+        cut is then no failure: not counted, no backoff."""
         self._rereading.set()
-        self.source.interrupt(later=False)
+        self.source.interrupt()
 
     def stop(self) -> None:
         self.stopping.set()
