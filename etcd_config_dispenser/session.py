@@ -54,7 +54,6 @@ class EtcdSession:
         self.backoff_max = backoff_max
         self.liveness_interval = liveness_interval
         self.stopping = threading.Event()
-        self._rereading = threading.Event()  # asked to read everything again (see reread)
         self.sleep = sleep or self._sleep
 
     def start(self) -> threading.Thread:
@@ -67,8 +66,7 @@ class EtcdSession:
         (see ``values``). The watch is cut, or the next one if none is open (a full read
         already put in the inbox may have been the one the lost value came from); the
         cut is then no failure: not counted, no backoff."""
-        self._rereading.set()
-        self.source.interrupt()
+        self.source.ask_reread()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -139,6 +137,7 @@ class EtcdSession:
             extra=fields("connected", revision=revision),
         )
         self.stats.etcd_answered(reconnect=True)
+        self.source.take_reread()  # this read answers any request made before it goes out
         self.inbox.put(everything)
         del everything  # the spool goes with its last value: this frame must not hold one
         started = time.monotonic()
@@ -158,8 +157,7 @@ class EtcdSession:
                 extra=fields("compacted", revision=revision + 1),
             )
         except EtcdUnavailable as err:
-            if self._rereading.is_set() and not self.stopping.is_set():
-                self._rereading.clear()  # cut on purpose: no failure, no backoff
+            if self.source.take_reread() and not self.stopping.is_set():  # no failure:
                 log.info("r%d: reading everything again", revision, extra=fields("reread"))
                 return
             if self.stopping.is_set() or time.monotonic() - started < HEALTHY_AFTER:

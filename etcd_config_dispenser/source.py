@@ -134,6 +134,7 @@ class EtcdSource:
         self._client: _Client | None = None
         self._stream: Any = None
         self._interrupted = False  # interrupt() came while no stream was open
+        self._reread = False  # everything is to be read again (see ask_reread)
         self._lock = threading.Lock()
 
     @property
@@ -247,6 +248,8 @@ class EtcdSource:
             if self._interrupted:  # asked to stop before the stream existed
                 self._interrupted = False
                 stream.cancel()
+            elif self._reread:  # a full read is owed: this watch is no use
+                stream.cancel()
         try:
             for response in stream:
                 if response.compact_revision:
@@ -285,6 +288,20 @@ class EtcdSource:
                 self._stream.cancel()
             elif later:
                 self._interrupted = True
+
+    def ask_reread(self) -> None:
+        """Everything is to be read again (safe from any thread): the watch is cut now,
+        or as soon as one opens, until the session takes the request (``take_reread``)."""
+        with self._lock:
+            self._reread = True
+            if self._stream is not None:
+                self._stream.cancel()
+
+    def take_reread(self) -> bool:
+        """Whether everything was asked to be read again; the request is taken."""
+        with self._lock:
+            asked, self._reread = self._reread, False
+        return asked
 
     def skip_endpoint(self) -> None:
         """The next connect() tries the next endpoint (this one failed a probe)."""
