@@ -157,7 +157,7 @@ class EtcdSession:
                 extra=fields("compacted", revision=revision + 1),
             )
         except EtcdUnavailable as err:
-            if self.source.take_reread() and not self.stopping.is_set():  # no failure:
+            if self.source.take_reread() and not self.stopping.is_set():  # asked for: no failure
                 log.info("r%d: reading everything again", revision, extra=fields("reread"))
                 return
             if self.stopping.is_set() or time.monotonic() - started < HEALTHY_AFTER:
