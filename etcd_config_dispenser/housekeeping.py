@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from .filemaker import FileMaker
-from .fsops import Tree, open_dir, remove_at, stamps, unchanged
+from .fsops import remove_at, stamps, unchanged
 from .ledger import Ledger, Snap
 from .links import TopLinks
 from .spares import SpareMaker
@@ -110,27 +110,11 @@ class Housekeeper:
     def _catch_up(self, spare: Snap, paths: set[str]) -> None:
         """Bring a spare past its grace period to the live content: it then holds no value
         that is no longer live, and the next change costs only its own paths."""
-        live = self.ledger.live
-        assert live is not None
         made = spare.stamps
         if made is not None and not unchanged(self._fd, spare.name, made):
             self.ledger.doom(spare.name, self.clock())  # someone changed it: not ours now
             return
-        try:
-            with (
-                Tree(open_dir(spare.name, self._fd)) as tree,
-                Tree(open_dir(live.name, self._fd)) as src,
-            ):
-                for rel in paths:
-                    tree.remove(rel)
-                live_paths = self._links.live_paths
-                lost = [r for r in paths if not self._maker.link(src, tree, r) and r in live_paths]
-                if lost:  # the live one lacks what it should hold: this copy is no good
-                    raise FileNotFoundError(f"{lost[0]!r} is missing from {live.name!r}")
-                tree.sync()
-        except OSError:
-            self.ledger.doom(spare.name, self.clock())
-            raise
+        self.spares.relink(spare, paths, paths, sync=True)
         self.ledger.caught_up(spare)  # stamped where a changed path was too (see stamp)
         spare.stamps = stamps(self._fd, spare.name, self._links.dirs_with(paths))
 

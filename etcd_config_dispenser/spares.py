@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 
 from .filemaker import FileMaker, file_inode, has_file
 from .fsops import Tree, open_dir, stamps, walk
@@ -163,7 +163,7 @@ class SpareMaker:
                 self._to_link = list(self._links.live_paths)
                 self._purged = live.seq
             if self._to_link:
-                self._grow_step(ledger.growing, live)
+                self._grow_step(ledger.growing)
             else:
                 self._check_step(ledger.growing, live)
             if stop():
@@ -176,26 +176,39 @@ class SpareMaker:
             self.checking.close()
             self.checking = None
 
-    def _grow_step(self, spare: Snap, live: Snap) -> None:
+    def _grow_step(self, spare: Snap) -> None:
         """Link the next GROW_STEP files of the spare being made."""
         batch = self._to_link[-GROW_STEP:]
         started = time.monotonic()  # the real cost, whatever clock the ledger uses
+        # What changed since the last step goes at once: a deleted key's value must not
+        # wait for the spare to be linked whole (linked anew if live); during its check
+        # (which changes nothing) it waits for the catch-up.
+        self.relink(spare, self.ledger.changed_since(self._purged), batch)
+        self._purged = self.ledger.seq
+        self._maker.timed(len(batch), time.monotonic() - started)
+        del self._to_link[-GROW_STEP:]
+
+    def relink(
+        self, spare: Snap, removed: Iterable[str], linked: Iterable[str], sync: bool = False
+    ) -> None:
+        """In ``spare``: ``removed`` go (and their directories left empty), then ``linked``
+        are linked from the live snapshot; ``sync``: every directory opened is fsynced.
+        A path the live snapshot should hold and lacks makes the spare no good: any
+        failure dooms it (and raises)."""
+        live = self.ledger.live
+        assert live is not None
         try:
             with (
                 Tree(open_dir(spare.name, self._fd)) as tree,
                 Tree(open_dir(live.name, self._fd)) as src,
             ):
-                # What changed since the last step goes at once: a deleted key's value
-                # must not wait for the spare to be linked whole (linked anew if live);
-                # during its check (which changes nothing) it waits for the catch-up.
-                for rel in self.ledger.changed_since(self._purged):
-                    tree.remove(rel)  # and its directories left empty
-                self._purged = self.ledger.seq
-                for rel in batch:
+                for rel in removed:
+                    tree.remove(rel)
+                for rel in linked:
                     if not self._maker.link(src, tree, rel) and rel in self._links.live_paths:
                         raise FileNotFoundError(f"{rel!r} is missing from {live.name!r}")
-                self._maker.timed(len(batch), time.monotonic() - started)
-                del self._to_link[-GROW_STEP:]
+                if sync:
+                    tree.sync()
         except OSError:
             self.ledger.doom(spare.name, self.clock())
             raise
