@@ -11,14 +11,16 @@ loop, never with recursion: a deep tree costs iterations, not stack frames.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
 from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The C library as the interpreter already has it loaded (dlopen(NULL)): not
+# ctypes.util.find_library, which runs ldconfig and imports shutil, tempfile,
+# bz2 and lzma (0.7 MiB of every process, for one symbol).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_DIRS_MAX = 64  # directories a Tree keeps open at once (RLIMIT_NOFILE may be 1024)

@@ -8,8 +8,9 @@ it, and ``KeyTree.spill`` moves values to a spool.
 
 from __future__ import annotations
 
+import array
 import bisect
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator, Mapping
 
 from .layout import RESERVED_PREFIX
 from .values import Spool, Spooled, SpoolError, Value, ValueView, as_bytes, same
@@ -20,6 +21,11 @@ MAX_PATH = 4096  # bytes in a whole path (PATH_MAX)
 # snapshot (ours, and the standard library's) cheap and far from any limit.
 MAX_DEPTH = 64
 SPILL_PAGE = 256  # values read back and spooled at a time when every one moves
+# Where a key's value is (KeyTree._refs): HELD in memory, or a spool's slot and
+# the value's index in that spool, in one 64-bit integer.
+HELD = -1
+SLOT_SHIFT = 40  # 2**40 values in one spool; 2**23 spools
+INDEX_MASK = (1 << SLOT_SHIFT) - 1
 
 
 class InvalidKey(ValueError):
@@ -120,132 +126,202 @@ class KeyTree:
     the set of keys, never on the order of events, so a restart or a resync
     gives the same files.
 
-    Updates cost O(depth + affected keys), not O(all keys): a one-key change
-    at 10,000 keys must cost about what it costs at 100. Values are bytes or
-    spooled (``values``): compared by digest, read only when asked for.
+    Updates cost O(depth + affected keys) lookups, not O(all keys): a one-key
+    change at 10,000 keys must cost about what it costs at 100. Values are
+    bytes or spooled (``values``): compared by digest, read only when asked for.
+
+    Kept compact, since it is the one structure with an entry per key: the
+    paths in one sorted list, and where each one's value is in an array beside
+    it (a spool's slot and the value's index in it, or HELD for a value in
+    memory): about 80 bytes a key with its path, where maps of paths to value
+    objects cost about 240. Lookups are binary searches (a microsecond or two
+    at 50,000 keys); inserting a new key moves the array's tail, in C.
     """
 
     def __init__(self) -> None:
-        self.values: dict[str, Value] = {}  # every valid key
-        self._files: dict[str, Value] = {}  # the visible ones
-        self._sorted: list[str] = []
-        self.held = 0  # bytes of the values held in memory (not spooled)
-        self._held_paths: set[str] = set()  # the keys whose value is held in memory
-        self._spools: dict[Spool, list[int]] = {}  # spool -> [values, bytes] current in it
+        self._paths: list[str] = []  # every valid key, sorted
+        self._refs = array.array("q")  # where the value of each of _paths is (see _ref)
+        self._held: dict[str, bytes] = {}  # the values held in memory (ref HELD)
+        self.held = 0  # their bytes
+        self._slots: list[Spool | None] = []  # the spools the values are in, by slot
+        self._use: list[list[int]] = []  # by slot: [values, bytes] current in it
+        self._hidden: set[str] = set()  # keys not written: a shallower key is a file
         self.unreadable: set[str] = set()  # paths whose spooled value could not be read
 
-    def _set(self, path: str, value: Value) -> None:
-        self._count(self.values.get(path), -1)
-        self._count(value, 1)
-        self.values[path] = value
-        if isinstance(value, bytes):
-            self._held_paths.add(path)
-        else:
-            self._held_paths.discard(path)
+    def _find(self, path: str) -> int:
+        """The index of ``path`` in _paths, or -1."""
+        index = bisect.bisect_left(self._paths, path)
+        return index if index < len(self._paths) and self._paths[index] == path else -1
 
-    def _count(self, value: Value | None, sign: int) -> None:
-        """Keep ``held`` and the use of each spool (no scan of every key to know them)."""
+    def _value(self, index: int) -> Value:
+        ref = self._refs[index]
+        if ref == HELD:
+            return self._held[self._paths[index]]
+        spool = self._slots[ref >> SLOT_SHIFT]
+        assert spool is not None  # a slot is freed only with its last value
+        return Spooled(spool, ref & INDEX_MASK)
+
+    def _ref(self, path: str, value: Value) -> int:
+        """Take ``value`` in (counted where it is kept); the ref that says where it is."""
         if isinstance(value, bytes):
-            self.held += sign * len(value)
-        elif value is not None:
-            use = self._spools.setdefault(value.spool, [0, 0])
-            use[0] += sign
-            use[1] += sign * value.size
-            if not use[0]:
-                del self._spools[value.spool]
+            self._held[path] = value
+            self.held += len(value)
+            return HELD
+        spool = value.spool
+        slot = next((i for i, s in enumerate(self._slots) if s is spool), -1)
+        if slot < 0:
+            slot = next((i for i, s in enumerate(self._slots) if s is None), len(self._slots))
+            if slot == len(self._slots):
+                self._slots.append(None)
+                self._use.append([0, 0])
+            self._slots[slot] = spool
+        self._use[slot][0] += 1
+        self._use[slot][1] += value.size
+        return slot << SLOT_SHIFT | value.index
+
+    def _release(self, index: int) -> None:
+        """Let go of the value at ``index`` (a spool no value is in any more is closed)."""
+        ref = self._refs[index]
+        if ref == HELD:
+            self.held -= len(self._held.pop(self._paths[index]))
+            return
+        slot = ref >> SLOT_SHIFT
+        spool = self._slots[slot]
+        assert spool is not None
+        use = self._use[slot]
+        use[0] -= 1
+        use[1] -= spool.span(ref & INDEX_MASK)[1]
+        if not use[0]:
+            self._slots[slot] = None
 
     def spill(self, spool: Spool, drain: Collection[Spool] = ()) -> None:
         """Move the values held in memory, and those in the spools ``drain``, to ``spool``
         (read back a page at a time; one that cannot be stays, noted ``unreadable``).
         Raises OSError: then nothing moved."""
-        paths = list(self._held_paths)
-        if drain:  # a scan of every key: only when spools are drained (rarely)
+        paths = list(self._held)
+        slots = {i for i, s in enumerate(self._slots) if s is not None and s in drain}
+        if slots:  # a scan of every key: only when spools are drained (rarely)
             paths += [
-                p for p, v in self.values.items() if isinstance(v, Spooled) and v.spool in drain
+                p
+                for p, ref in zip(self._paths, self._refs, strict=True)
+                if ref != HELD and ref >> SLOT_SHIFT in slots
             ]
-        moved: list[tuple[str, Spooled]] = []
+        moved: list[tuple[str, int]] = []  # (path, its index in ``spool``)
         for start in range(0, len(paths), SPILL_PAGE):
             page = []
             for path in paths[start : start + SPILL_PAGE]:
                 try:
-                    page.append((path, as_bytes(self.values[path])))
+                    page.append((path, as_bytes(self._value(self._find(path)))))
                 except SpoolError:
                     self.unreadable.add(path)
-            refs = spool.add([value for _path, value in page])
-            moved += zip([path for path, _value in page], refs, strict=True)
-        for path, ref in moved:
-            self._set(path, ref)
-            if path in self._files:
-                self._files[path] = ref
+            run = spool.add([value for _path, value in page])
+            moved += [(path, run.first + i) for i, (path, _value) in enumerate(page)]
+        for path, at in moved:
+            index = self._find(path)
+            self._release(index)
+            self._refs[index] = self._ref(path, Spooled(spool, at))
 
     def spool_use(self) -> dict[Spool, int]:
         """The spools the values are in, with the bytes of the values current in each."""
-        return {spool: use[1] for spool, use in self._spools.items()}
+        return {s: use[1] for s, use in zip(self._slots, self._use, strict=True) if s is not None}
+
+    @property
+    def values(self) -> Mapping[str, Value]:
+        """Every valid key's value, by path (written or not)."""
+        return _Values(self, hidden=False)
 
     @property
     def files(self) -> ValueView:
         """The visible keys' values, by path (spooled ones read when asked for)."""
-        return ValueView(self._files, self.unreadable)
+        return ValueView(_Values(self, hidden=True), self.unreadable)
 
     def differs(self, other: KeyTree) -> set[str]:
         """The file paths whose content or presence differs between two trees."""
-        old, new = self._files, other._files
+        old, new = _Values(self, hidden=True), _Values(other, hidden=True)
+        if not old:
+            return set(new)
         return {p for p in old.keys() | new.keys() if not same(old.get(p), new.get(p))}
 
     def shadowing_key(self, path: str) -> str | None:
         """The shallower key that hides ``path``, if any."""
         for ancestor in ancestors(path):
-            if ancestor in self.values:
+            if self._find(ancestor) >= 0:
                 return ancestor
         return None
 
     def _descendants(self, path: str) -> list[str]:
         # "/" sorts just before "0", so every "path/..." key sits in one run.
-        start = bisect.bisect_left(self._sorted, path + "/")
-        end = bisect.bisect_left(self._sorted, path + "0")
-        return self._sorted[start:end]
+        start = bisect.bisect_left(self._paths, path + "/")
+        end = bisect.bisect_left(self._paths, path + "0")
+        return self._paths[start:end]
 
     def put(self, path: str, value: Value) -> set[str]:
         """Set a key; return the file paths whose content or presence changed."""
-        if path in self.values:
-            if same(self.values[path], value):
+        index = bisect.bisect_left(self._paths, path)
+        if index < len(self._paths) and self._paths[index] == path:
+            if same(self._value(index), value):
                 return set()  # and the value kept as it is (spooled, perhaps)
-            self._set(path, value)
-            if path in self._files:
-                self._files[path] = value
-                return {path}
-            return set()
-        bisect.insort(self._sorted, path)
-        self._set(path, value)
+            self._release(index)
+            self._refs[index] = self._ref(path, value)
+            return set() if path in self._hidden else {path}
+        self._paths.insert(index, path)
+        self._refs.insert(index, self._ref(path, value))
         if self.shadowing_key(path) is not None:
+            self._hidden.add(path)
             return set()
-        self._files[path] = value
         changed = {path}
         for descendant in self._descendants(path):
-            if self._files.pop(descendant, None) is not None:
+            if descendant not in self._hidden:
+                self._hidden.add(descendant)
                 changed.add(descendant)
         return changed
 
     def delete(self, path: str) -> set[str]:
         """Remove a key; return the file paths whose content or presence changed."""
-        if path not in self.values:
+        index = self._find(path)
+        if index < 0:
             return set()
-        self._count(self.values.pop(path), -1)
-        self._held_paths.discard(path)
-        del self._sorted[bisect.bisect_left(self._sorted, path)]
-        if self._files.pop(path, None) is None:
+        self._release(index)
+        del self._paths[index]
+        del self._refs[index]
+        if path in self._hidden:
+            self._hidden.discard(path)
             return set()
         changed = {path}
         for descendant in self._descendants(path):
-            if self.shadowing_key(descendant) is None:
-                self._files[descendant] = self.values[descendant]
+            if descendant in self._hidden and self.shadowing_key(descendant) is None:
+                self._hidden.discard(descendant)
                 changed.add(descendant)
         return changed
 
     def hidden(self) -> list[tuple[str, str]]:
         """(key path, shadowing key path) for every key not written because of a clash."""
         return [
-            (path, shadow)
-            for path in self.values
-            if path not in self._files and (shadow := self.shadowing_key(path)) is not None
+            (path, shadow) for path in sorted(self._hidden) if (shadow := self.shadowing_key(path))
         ]
+
+
+class _Values(Mapping[str, Value]):
+    """A key tree's values by path: every key's, or only the visible ones' (``hidden``:
+    leave the hidden keys out). A view: it changes with the tree."""
+
+    def __init__(self, tree: KeyTree, hidden: bool) -> None:
+        self._tree = tree
+        self._skip = tree._hidden if hidden else frozenset()
+
+    def __getitem__(self, path: str) -> Value:
+        index = self._tree._find(path)
+        if index < 0 or path in self._skip:
+            raise KeyError(path)
+        return self._tree._value(index)
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and path not in self._skip and self._tree._find(path) >= 0
+
+    def __iter__(self) -> Iterator[str]:
+        if not self._skip:
+            return iter(self._tree._paths)
+        return (p for p in self._tree._paths if p not in self._skip)
+
+    def __len__(self) -> int:
+        return len(self._tree._paths) - len(self._skip)

@@ -28,12 +28,11 @@ def _is_our_link(target_fd: int, name: str) -> bool:
 
 
 class TopLinks:
-    """The live snapshot's files, counted by top-level name, and the links for those names."""
+    """The live snapshot's files and directories, and the links for its top-level names."""
 
     def __init__(self) -> None:
         self.live_paths: set[str] = set()  # every file of the live snapshot
         self.dirs: Counter[str] = Counter()  # its directories, with the files below each
-        self._counts: Counter[str] = Counter()  # files per top-level name
         self._links: set[str] = set()  # links that exist on disk
         self._dirty = False  # a link operation failed: reconcile every name next time
 
@@ -57,7 +56,7 @@ class TopLinks:
         """
         affected = self._track(present, reset)
         if self._dirty:
-            affected |= self._counts.keys() | self._links
+            affected |= self._tops() | self._links
         try:
             self._sync(target_fd, affected)
             self._dirty = False
@@ -66,22 +65,20 @@ class TopLinks:
             log.warning("%s: could not update the top-level links: %s", when, err)
 
     def _track(self, present: Mapping[str, bool], reset: bool) -> set[str]:
-        """Update the live paths and per-name counts (memory only); the top names affected."""
+        """Update the live paths and directory counts (memory only); the top names affected."""
         if reset:
             self._reset({p for p, there in present.items() if there})
-            return set(self._counts) | self._links
+            return self._tops() | self._links
         affected = set()
         for rel, now in present.items():
             if (rel in self.live_paths) == now:
                 continue
-            top = top_level(rel)
-            affected.add(top)
+            affected.add(top_level(rel))
             step = 1 if now else -1
             if now:
                 self.live_paths.add(rel)
             else:
                 self.live_paths.discard(rel)
-            self._counts[top] += step
             for directory in ancestors(rel):
                 self.dirs[directory] += step
                 if not self.dirs[directory]:
@@ -90,13 +87,23 @@ class TopLinks:
 
     def _reset(self, live_paths: set[str]) -> None:
         self.live_paths = live_paths
-        self._counts = Counter(top_level(p) for p in live_paths)
         self.dirs = Counter(d for p in live_paths for d in ancestors(p))
+
+    def _tops(self) -> set[str]:
+        """The top-level names that have files (every one: only after a reset or a failure)."""
+        return {top_level(p) for p in self.live_paths}
+
+    def _has_files(self, top: str) -> bool:
+        """Whether the live snapshot has files under this top-level name: a file of that
+        name, or a directory (with files below it: ``dirs`` counts them). Not a count per
+        name besides: in a flat layout that is one more map entry per key."""
+        return top in self.live_paths or top in self.dirs
 
     def _sync(self, target_fd: int, affected: set[str]) -> None:
         """Keep one ``name -> ..data/name`` link per top-level name that has files."""
         for top in affected:
-            if self._counts[top] > 0 and top not in self._links:
+            has_files = self._has_files(top)
+            if has_files and top not in self._links:
                 try:
                     os.symlink(top_link_text(top), top, dir_fd=target_fd)
                 except FileExistsError:
@@ -104,10 +111,8 @@ class TopLinks:
                         log.warning("%r in the target is not ours: its key is not shown", top)
                         continue
                 self._links.add(top)
-            elif self._counts[top] <= 0:
-                self._counts.pop(top, None)
-                if top in self._links:
-                    st = lstat_at(target_fd, top)
-                    if st is not None and stat.S_ISLNK(st.st_mode):  # never someone's dir
-                        os.unlink(top, dir_fd=target_fd)
-                    self._links.discard(top)
+            elif not has_files and top in self._links:
+                st = lstat_at(target_fd, top)
+                if st is not None and stat.S_ISLNK(st.st_mode):  # never someone's dir
+                    os.unlink(top, dir_fd=target_fd)
+                self._links.discard(top)

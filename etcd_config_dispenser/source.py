@@ -25,7 +25,7 @@ import grpc
 from etcd3.etcdrpc import kv_pb2
 
 from .config import Endpoint, EtcdConfig
-from .events import Batch, Change
+from .events import Batch, Change, KeyValues
 from .values import Value
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class EtcdSource:
 
     def read_all(
         self, keep: Callable[[list[bytes]], Sequence[Value]] = list
-    ) -> tuple[int, list[tuple[bytes, Value]]]:
+    ) -> tuple[int, KeyValues]:
         """Every key under the prefix and the one revision they are all at.
 
         Read in pages of READ_PAGE keys, every page after the first pinned to
@@ -196,7 +196,7 @@ class EtcdSource:
         client = self.connected_client()
         end = range_end(self.prefix)
         start, revision = self.prefix, 0
-        items: list[tuple[bytes, Value]] = []
+        items = KeyValues()
         while True:
             request = rpc.RangeRequest(key=start, range_end=end, limit=READ_PAGE, revision=revision)
             try:
@@ -204,8 +204,7 @@ class EtcdSource:
             except grpc.RpcError as err:
                 raise self._fail(err) from None
             revision = revision or int(response.header.revision)
-            values = keep([kv.value for kv in response.kvs])
-            items.extend(zip([kv.key for kv in response.kvs], values, strict=True))
+            items.add([kv.key for kv in response.kvs], keep([kv.value for kv in response.kvs]))
             if not response.more or not response.kvs:
                 return revision, items
             start = response.kvs[-1].key + b"\0"

@@ -4,9 +4,10 @@ A full read brings every value at once (10 MB at 10,000 keys of 1 KiB, 50 MB
 at 50,000), and they stay current until etcd changes them, which for most keys
 is never: held in memory, they set the process's size. So the session writes
 each page of a full read to a spool as it arrives, and the key tree keeps, per
-key, only where its value is (a reference and an index, about 80 bytes; the
-spool keeps its end and digest in arrays, 24 bytes): memory grows with the
-number of keys, not with their size. Values that arrive in watch responses
+key, only where its value is (8 bytes in an array; the spool keeps its end
+and digest in arrays, 24 bytes): memory grows with the number of keys, not
+with their size. A ``Spooled`` object, which says where one value is, is
+made only when a value is asked for (``SpooledRun``). Values that arrive in watch responses
 stay in memory until they add up to 1 MiB, then go to a spool of their own
 (``KeyIntake.spill``, which also drains the spools that are mostly stale).
 
@@ -30,6 +31,7 @@ import errno
 import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from typing import overload
 
 DIGEST_SIZE = 16  # bytes of BLAKE2b: equal digests are equal values, for all purposes
 SPOOL_OPEN = os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC
@@ -62,7 +64,7 @@ class Spool:
         if self._fd >= 0:
             os.close(self._fd)
 
-    def add(self, values: Sequence[bytes]) -> list[Spooled]:
+    def add(self, values: Sequence[bytes]) -> SpooledRun:
         """Append ``values`` (one write); where each one is."""
         start = self._ends[-1] if self._ends else 0
         blob, offset = memoryview(b"".join(values)), start
@@ -74,7 +76,7 @@ class Spool:
             end += len(value)
             self._ends.append(end)
             self._digests += digest(value)
-        return [Spooled(self, i) for i in range(first, len(self._ends))]
+        return SpooledRun(self, first, len(values))
 
     @property
     def size(self) -> int:
@@ -130,6 +132,37 @@ class Spooled:
 
 
 Value = bytes | Spooled
+
+
+class SpooledRun(Sequence[Spooled]):
+    """Values ``first`` to ``first + length - 1`` of one spool, as a sequence: one small
+    object for a page of values, where a list of ``Spooled`` costs about 80 bytes a
+    value (its object and its index) for as long as the page is kept."""
+
+    __slots__ = ("first", "length", "spool")
+
+    def __init__(self, spool: Spool, first: int, length: int) -> None:
+        self.spool = spool
+        self.first = first
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    @overload
+    def __getitem__(self, i: int) -> Spooled: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Spooled]: ...
+
+    def __getitem__(self, i: int | slice) -> Spooled | list[Spooled]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.length))]
+        if i < 0:
+            i += self.length
+        if not 0 <= i < self.length:
+            raise IndexError("no such value in this run")
+        return Spooled(self.spool, self.first + i)
 
 
 def open_spool(dir_fd: int | None) -> Spool | None:

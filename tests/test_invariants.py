@@ -149,11 +149,15 @@ def test_a_failed_link_is_repaired_by_the_next_update(
 
 
 def test_links_track_presence_not_arrival_order() -> None:
-    """TopLinks counts files per top-level name: a name stays while any file under it does."""
+    """A top-level name has files while any file under it does, whatever came first."""
     links = TopLinks()
-    links._track({"d/x": True, "d/y": True}, reset=True)
+    links._track({"d/x": True, "d/y": True, "f": True}, reset=True)
     assert links._track({"d/x": False}, reset=False) == {"d"}
-    assert links._counts["d"] == 1
+    assert links._has_files("d") and links._has_files("f")
+    assert links._track({"d/y": False, "f": False}, reset=False) == {"d", "f"}
+    assert not links._has_files("d") and not links._has_files("f")
+    links._track({"d/z/w": True}, reset=False)
+    assert links._has_files("d")
 
 
 @pytest.mark.parametrize(

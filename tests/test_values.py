@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etcd_config_dispenser.config import load
-from etcd_config_dispenser.events import Batch, Change, Ended, Event, FullRead
+from etcd_config_dispenser.events import Batch, Change, Ended, Event, FullRead, KeyValues
 from etcd_config_dispenser.health import Stats
 from etcd_config_dispenser.intake import MAX_SPOOLS, SPILL_BYTES, KeyIntake
 from etcd_config_dispenser.keys import KeyTree
@@ -68,7 +68,7 @@ def spool_fds(pid: int | str, directory: Path) -> list[str]:
 def test_values_read_back_as_written_and_nobody_sees_the_spool(tmp_path: Path) -> None:
     spool = Spool(opened(tmp_path))
     values = [b"", b"a" * 5000, bytes(range(256)), b"x"]
-    refs = spool.add(values) + spool.add([b"second page"])
+    refs = [*spool.add(values), *spool.add([b"second page"])]
     assert [r.read() for r in refs] == [*values, b"second page"]
     assert os.listdir(tmp_path) == []  # no name in the directory: nothing to open or replace
     assert len(spool_fds("self", tmp_path)) == 1
@@ -244,7 +244,7 @@ def test_spilling_values_held_in_memory_changes_no_file(
             drain = set(tree.spool_use()) if action == "drain" else set()
             tree.spill(Spool(opened(tmp_path_factory.getbasetemp())), drain)
             assert not any(isinstance(v, bytes) for v in tree.values.values())
-            assert not any(isinstance(v, bytes) for v in tree._files.values())  # none kept
+            assert tree.held == 0  # none kept in memory
             assert len(tree.spool_use()) <= 1 or not drain
         elif action == "put":
             assert tree.put(path, value) == plain.put(path, value)
@@ -530,3 +530,33 @@ def test_a_reread_reads_everything_again_and_is_no_etcd_failure(
     assert isinstance(again, FullRead)
     assert {k: as_bytes(v) for k, v in again.kvs} == {(prefix + "a").encode(): b"1"}
     assert stats.etcd_failures == 0
+
+
+def test_a_run_of_spooled_values_is_a_sequence_of_them(tmp_path: Path) -> None:
+    """``Spool.add`` gives one object for a page; indexing it (from either end, or by a
+    slice) gives the values of that page, and nothing past its ends."""
+    spool = Spool(opened(tmp_path))
+    spool.add([b"before"])
+    run = spool.add([b"a", b"b", b"c"])
+    assert len(run) == 3
+    assert [v.read() for v in run] == [b"a", b"b", b"c"]
+    assert run[-1].read() == b"c" and run[0].read() == b"a"
+    assert [v.read() for v in run[1:]] == [b"b", b"c"]
+    for outside in (3, -4):
+        with pytest.raises(IndexError):
+            run[outside]
+
+
+def test_a_full_read_keeps_its_pairs_in_order_page_by_page(tmp_path: Path) -> None:
+    """KeyValues gives back every (key, value) in the order the pages came, and refuses a
+    page whose keys and values do not pair up (a bug, never a half-paired read)."""
+    spool = Spool(opened(tmp_path))
+    kvs = KeyValues()
+    kvs.add([b"/p/a", b"/p/b"], spool.add([b"1", b"2"]))
+    kvs.add([b"/p/c"], [b"3"])
+    assert len(kvs) == 3
+    assert [(k, as_bytes(v)) for k, v in kvs] == [(b"/p/a", b"1"), (b"/p/b", b"2"), (b"/p/c", b"3")]
+    assert (b"/p/c", b"3") in kvs
+    with pytest.raises(ValueError):
+        kvs.add([b"/p/d"], [])
+    assert len(kvs) == 3
