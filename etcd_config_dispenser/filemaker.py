@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from .fsops import Tree, lstat_at, open_dir, remove_at
 from .layout import POOL_DIR
@@ -71,7 +71,7 @@ class FileMaker:
         tree: Tree,
         source: Tree | None,
         files: Mapping[str, bytes],
-        delta: set[str],
+        delta: Collection[str],
         changed: set[str],
         pool: int | None,
         written: list[int],

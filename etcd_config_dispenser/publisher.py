@@ -273,7 +273,7 @@ class Publisher:
                 if isinstance(event, Ended):  # last: what came before it is still published
                     window = None
                     break
-                changed |= self.keys.absorb(event)
+                changed = _merged(changed, self.keys.absorb(event))
                 self.stats.skipped_keys = self.keys.skipped
                 owed = event.revision
                 now = self.clock()
@@ -356,7 +356,7 @@ class Publisher:
                 return
         self.stats.served(revision, result.name, len(self.keys.tree.files) - len(result.failed))
         _log_published(revision, result, len(self.keys.tree.files), first, self.prefix)
-        self.expiry.update(self.keys.tree.files, set(result.written) | set(result.removed))
+        self.expiry.update(self.keys.tree.files, [*result.written, *result.removed])
         if first:
             self.first_sync.set()
             if self.stats.stale_since is not None:  # the child runs on a previous run's files
@@ -431,6 +431,15 @@ def take(inbox: queue.Queue[Event], timeout: float | None) -> list[Event]:
         except queue.Empty:
             break
     return events
+
+
+def _merged(into: set[str], more: set[str]) -> set[str]:
+    """``into | more``: ``into`` grown in place, or ``more`` itself when ``into`` is empty
+    (after a full read that is every path: not copied at the moment memory peaks)."""
+    if not into:
+        return more
+    into |= more
+    return into
 
 
 def _log_skipped(revision: int, failed: Mapping[str, str]) -> None:

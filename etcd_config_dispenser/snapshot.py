@@ -132,12 +132,13 @@ class SnapshotWriter:
     # -- publish ----------------------------------------------------------
 
     def publish(
-        self, files: Mapping[str, bytes], changed: Collection[str], revision: int
+        self, files: Mapping[str, bytes], changed: set[str], revision: int
     ) -> Published | None:
         """Make ``files`` the live snapshot; None if nothing changed.
 
         ``changed``: the paths whose content or presence differs from the
-        previous publish (the first one writes everything). Paths the writer
+        previous publish (the first one writes everything); read, never changed
+        (nor copied, unless there is more to add to it). Paths the writer
         still owes (``ledger.dirty``) are added. A key whose file cannot be
         written is left out and named in ``failed``; an error that no key
         explains raises SnapshotError and leaves the live snapshot as it was.
@@ -159,12 +160,13 @@ class SnapshotWriter:
         """
         ledger = self.ledger
         first = ledger.live is None
-        changed = set(changed) | ledger.dirty
+        if ledger.dirty:  # a new set only then: at the first publish ``changed`` is every path
+            changed = changed | ledger.dirty
         if not first and not changed:  # (1)
             return None
         now = self.clock()
         name = snapshot_name(revision)
-        delta: set[str] = set(files) if first else changed
+        delta: Collection[str] = files if first else changed  # files: a view, not a copy
         renamed, spare = False, None  # renamed: the spare is ``name`` now, gone with it
         try:
             spare = None if first else self._housekeeper.spare(now)  # (2)
@@ -193,9 +195,14 @@ class SnapshotWriter:
             raise SnapshotError(err.errno, f"snapshot r{revision} not published: {err}") from err
         ledger.published(name, revision, changed, self.clock())  # retired from the flip on
         ledger.failed(result.failed)
-        present = {p: p in files and p not in result.failed for p in delta}
-        self._links.update(self._fd, present, first, f"r{revision}")  # (6)
-        result.written = sorted(p for p in changed if present.get(p))
+        if first:  # (6) every path at once: one set, which the links keep, not a map too
+            live_paths = {p for p in files if p not in result.failed}
+            self._links.reset(self._fd, live_paths, f"r{revision}")
+            result.written = sorted(p for p in changed if p in live_paths)
+        else:
+            present = {p: p in files and p not in result.failed for p in delta}
+            self._links.update(self._fd, present, f"r{revision}")
+            result.written = sorted(p for p in changed if present.get(p))
         result.removed = sorted(p for p in changed if p not in files)
         return result
 
@@ -223,8 +230,12 @@ class SnapshotWriter:
             raise SnapshotError(err.errno, f"could not put {name} back: {err}") from err
         name, paths = self.ledger.rolled_back(self.clock())
         present = _present(self._fd, name, paths)
-        if present is not None:  # else live again all the same; the links follow next time
-            self._links.update(self._fd, present, paths is None, f"back to {name}")
+        if present is None:  # live again all the same; the links follow next time
+            pass
+        elif paths is None:  # a previous run's snapshot: every other path is gone
+            self._links.reset(self._fd, {p for p, there in present.items() if there}, name)
+        else:
+            self._links.update(self._fd, present, f"back to {name}")
         return name
 
     def owe(self, paths: Collection[str]) -> None:
@@ -285,7 +296,7 @@ def _fill(
     name: str,
     live: str | None,
     files: Mapping[str, bytes],
-    delta: set[str],
+    delta: Collection[str],
     changed: set[str],
     first: bool,
     defer_sync: bool,

@@ -215,8 +215,10 @@ def test_the_dispenser_spools_its_full_read_and_frees_it_with_the_last_value(
     busy_wait(lambda: (target / "c").exists())
     pid = proc.proc.pid
     assert len(spool_fds(pid, target)) == 1
-    for name in ("a", "b", "c"):
-        etcd.put(prefix + name, b"second " + name.encode())  # type: ignore[attr-defined]
+    # One transaction: one watch response, so no spill runs between the puts (which
+    # would drain the last first value, with the new ones, into a spool that stays).
+    puts = [etcd.transactions.put(prefix + n, b"second " + n.encode()) for n in "abc"]  # type: ignore[attr-defined]
+    etcd.transaction(compare=[], success=puts, failure=[])  # type: ignore[attr-defined]
     busy_wait(lambda: (target / "c").read_bytes() == b"second c")
     busy_wait(lambda: spool_fds(pid, target) == [])
     assert (target / "a").read_bytes() == b"second a"
