@@ -135,6 +135,7 @@ from typing import NoReturn
 from docopt import DocoptExit, docopt
 
 from . import __version__, config
+from .heap import map_big_blocks
 from .keys import InvalidKey, key_to_relpath, normalise_prefix
 from .logs import setup_logging
 from .options import Options
@@ -510,6 +511,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except config.ConfigError as err:
         log.error("%s", err)
         sys.exit(2)
+    map_big_blocks()  # before etcd3 and gRPC allocate anything (see heap)
     from .app import run  # imports etcd3 and grpc: only once the flags are good
 
     sys.exit(run(options, etcd))

@@ -6,7 +6,7 @@ import array
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
-from .values import Value
+from .values import Value, same
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,12 @@ class KeyValues(Collection[tuple[bytes, Value]]):
         return len(self._ends)
 
     def __contains__(self, item: object) -> bool:
-        return any(pair == item for pair in self)
+        """Whether ``item`` is one of the pairs: its value compared as ``same`` does (a
+        spooled value is made anew each time it is given out)."""
+        if not isinstance(item, tuple) or len(item) != 2:
+            return False
+        key, value = item
+        return any(k == key and same(v, value) for k, v in self)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ NAME = "etcd_config_dispenser"
 LAYERS = [
     "__init__",
     "logs",  # log format and fields
+    "heap",  # the C heap's one setting
     "layout",  # the on-disk names
     "fsops",  # filesystem primitives
     "values",  # values in memory or spooled to a file

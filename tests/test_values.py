@@ -559,6 +559,8 @@ def test_a_full_read_keeps_its_pairs_in_order_page_by_page(tmp_path: Path) -> No
     assert len(kvs) == 3
     assert [(k, as_bytes(v)) for k, v in kvs] == [(b"/p/a", b"1"), (b"/p/b", b"2"), (b"/p/c", b"3")]
     assert (b"/p/c", b"3") in kvs
+    assert all(pair in kvs for pair in kvs)  # a spooled value too, though made anew
+    assert (b"/p/a", b"2") not in kvs
     with pytest.raises(ValueError):
         kvs.add([b"/p/d"], [])
     assert len(kvs) == 3
