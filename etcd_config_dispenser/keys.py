@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
 
 from .layout import RESERVED_PREFIX
@@ -20,6 +21,7 @@ MAX_PATH = 4096  # bytes in a whole path (PATH_MAX)
 # Directories deep: far beyond any configuration, and it keeps every walk of a
 # snapshot (ours, and the standard library's) cheap and far from any limit.
 MAX_DEPTH = 64
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: one search, not a loop a char
 SPILL_PAGE = 256  # values read back and spooled at a time when every one moves
 # Where a key's value is (KeyTree._refs): HELD in memory, or a spool's slot and
 # the value's index in that spool, in one 64-bit integer.
@@ -78,7 +80,7 @@ def key_to_relpath(key: bytes, prefix: bytes, max_path: int = MAX_PATH) -> str:
         text = rel.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidKey("is not valid UTF-8") from None
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text):
+    if CONTROL.search(text):
         raise InvalidKey("contains a control character")
     segments = text.split("/")
     if len(segments) > MAX_DEPTH:
@@ -145,6 +147,7 @@ class KeyTree:
         self.held = 0  # their bytes
         self._slots: list[Spool | None] = []  # the spools the values are in, by slot
         self._use: list[list[int]] = []  # by slot: [values, bytes] current in it
+        self._last_slot = 0  # the slot a value was last taken into
         self._hidden: set[str] = set()  # keys not written: a shallower key is a file
         self.unreadable: set[str] = set()  # paths whose spooled value could not be read
 
@@ -168,7 +171,9 @@ class KeyTree:
             self.held += len(value)
             return HELD
         spool = value.spool
-        slot = next((i for i, s in enumerate(self._slots) if s is spool), -1)
+        slot = self._last_slot  # a full read's values are all in one spool: look there first
+        if slot >= len(self._slots) or self._slots[slot] is not spool:
+            slot = next((i for i, s in enumerate(self._slots) if s is spool), -1)
         if slot < 0:
             slot = next((i for i, s in enumerate(self._slots) if s is None), len(self._slots))
             if slot == len(self._slots):
@@ -177,6 +182,7 @@ class KeyTree:
             self._slots[slot] = spool
         self._use[slot][0] += 1
         self._use[slot][1] += value.size
+        self._last_slot = slot
         return slot << SLOT_SHIFT | value.index
 
     def _release(self, index: int) -> None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import recovery
-from .filemaker import ABSENT, FileMaker, has_file
+from .filemaker import ABSENT, FileMaker, apply_delta, has_file
 from .fsops import Tree, files_in, open_dir, remove_at, syncfs
 from .housekeeping import Housekeeper, discard
 from .keys import MAX_PATH
@@ -313,9 +313,8 @@ def _fill(
     written: list[int] = []
     try:
         with Tree(open_dir(name, target_fd)) as tree:
-            result.failed, count = maker.apply(
-                tree, source, files, delta, changed, pool, written, FSYNC_EACH_MAX
-            )
+            args = (tree, source, files, delta, changed, pool, written, FSYNC_EACH_MAX)
+            result.failed, count = apply_delta(maker, *args)
             if defer_sync:
                 pass  # the first snapshot: synced whole by settle(), see app
             elif first or count > FSYNC_EACH_MAX:

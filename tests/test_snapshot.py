@@ -184,11 +184,13 @@ def test_failed_write_removes_the_half_built_directory(
     real_write = writer._maker.write
     calls: list[str] = []
 
-    def write_then_fail(tree: object, rel: str, value: bytes, pool: int | None) -> int:
+    def write_then_fail(
+        tree: object, rel: str, value: bytes, pool: int | None, fresh: bool = False
+    ) -> int:
         calls.append(rel)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(tree, rel, value, pool)  # type: ignore[arg-type]
+        return real_write(tree, rel, value, pool, fresh)  # type: ignore[arg-type]
 
     monkeypatch.setattr(writer._maker, "write", write_then_fail)
     with pytest.raises(SnapshotError, match="No space left"):
@@ -391,10 +393,12 @@ def test_a_key_that_cannot_be_written_is_skipped_and_the_rest_published(
     publish(writer, tree, 1, a=b"1")
     real_write = writer._maker.write
 
-    def refuse_one(tree_: object, rel: str, value: bytes, pool: int | None) -> int:
+    def refuse_one(
+        tree_: object, rel: str, value: bytes, pool: int | None, fresh: bool = False
+    ) -> int:
         if rel == "sub/bad":
             raise OSError(code, os.strerror(code))
-        return real_write(tree_, rel, value, pool)  # type: ignore[arg-type]
+        return real_write(tree_, rel, value, pool, fresh)  # type: ignore[arg-type]
 
     monkeypatch.setattr(writer._maker, "write", refuse_one)
     changed = tree.put("sub/bad", b"x") | tree.put("good", b"2") | tree.put("a", b"2")

@@ -17,6 +17,8 @@ import pytest
 from helpers import Clock, read_tree, writer_with
 
 from etcd_config_dispenser import housekeeping
+from etcd_config_dispenser.filemaker import FileMaker
+from etcd_config_dispenser.fsops import Tree
 from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.layout import POOL_DIR, is_snapshot_name
 from etcd_config_dispenser.snapshot import SnapshotWriter
@@ -349,3 +351,30 @@ def test_an_empty_directory_planted_where_a_deleted_key_was_is_never_served(
         revision += 1
     assert read_tree(target) == tree.files
     assert not (target / "..data" / "n").exists()
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["new directory", "spare"])
+@pytest.mark.parametrize("planted", ["file", "hard link", "symlink"])
+def test_a_file_is_written_as_new_over_whatever_is_at_its_place(
+    tmp_path: Path, fresh: bool, planted: str
+) -> None:
+    """A new snapshot directory is written to by creating first (nothing is expected
+    there), a spare by removing first; either way, whatever someone put at the path is
+    replaced by a new file of ours, never written through."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not ours")
+    directory = tmp_path / "snap"
+    (directory / "sub").mkdir(parents=True)
+    place = directory / "sub" / "key"
+    if planted == "file":
+        place.write_bytes(b"planted")
+    elif planted == "hard link":
+        os.link(outside, place)
+    else:
+        place.symlink_to(outside)
+    with Tree(os.open(directory, os.O_RDONLY | os.O_DIRECTORY)) as tree:
+        fd = FileMaker().write(tree, "sub/key", b"value", None, fresh=fresh)
+        os.close(fd)
+    assert place.read_bytes() == b"value" and not place.is_symlink()
+    assert outside.read_bytes() == b"not ours"
+    assert place.stat().st_nlink == 1
