@@ -201,31 +201,60 @@ class KeyTree:
             self._slots[slot] = None
 
     def spill(self, spool: Spool, drain: Collection[Spool] = ()) -> None:
-        """Move the values held in memory, and those in the spools ``drain``, to ``spool``
-        (read back a page at a time; one that cannot be stays, noted ``unreadable``).
-        Raises OSError: then nothing moved."""
-        paths = list(self._held)
-        slots = {i for i, s in enumerate(self._slots) if s is not None and s in drain}
-        if slots:  # a scan of every key: only when spools are drained (rarely)
-            paths += [
-                p
-                for p, ref in zip(self._paths, self._refs, strict=True)
-                if ref != HELD and ref >> SLOT_SHIFT in slots
-            ]
-        moved: list[tuple[str, int]] = []  # (path, its index in ``spool``)
+        """Move the values held in memory, and those in the spools ``drain``, to ``spool``,
+        all at once (``KeyIntake.spill`` moves them a page at a time instead)."""
+        paths: list[str] = list(self._held)
+        after: str | None = ""
+        while after is not None:
+            more, after = self.in_spools(drain, after, len(self._paths) + 1)
+            paths += more
         for start in range(0, len(paths), SPILL_PAGE):
-            page = []
-            for path in paths[start : start + SPILL_PAGE]:
-                try:
-                    page.append((path, as_bytes(self._value(self._find(path)))))
-                except SpoolError:
-                    self.unreadable.add(path)
-            run = spool.add([value for _path, value in page])
-            moved += [(path, run.first + i) for i, (path, _value) in enumerate(page)]
-        for path, at in moved:
+            self.move(spool, paths[start : start + SPILL_PAGE], drain)
+
+    def held_paths(self) -> list[str]:
+        """The keys whose value is held in memory."""
+        return list(self._held)
+
+    def in_spools(
+        self, spools: Collection[Spool], after: str, most: int
+    ) -> tuple[list[str], str | None]:
+        """The keys after ``after`` (in order; "" for the first) whose value is in one of
+        ``spools``, looking at ``most`` keys at most; and the last key looked at (None
+        once there are no more). Resumed by name, not place: keys put or deleted
+        meanwhile never make it skip one."""
+        slots = {i for i, s in enumerate(self._slots) if s is not None and s in spools}
+        start = bisect.bisect_right(self._paths, after) if after else 0
+        end = min(start + most, len(self._paths))
+        found = [
+            self._paths[i]
+            for i in range(start, end)
+            if self._refs[i] != HELD and self._refs[i] >> SLOT_SHIFT in slots
+        ]
+        return found, (self._paths[end - 1] if end < len(self._paths) else None)
+
+    def move(self, spool: Spool, paths: Iterable[str], spools: Collection[Spool]) -> None:
+        """Move the values of ``paths`` to ``spool`` in one write, each one that is still
+        held in memory or in one of ``spools`` (a key replaced or deleted since it was
+        listed is left as it is now); one that cannot be read back stays where it is,
+        noted ``unreadable``. Raises OSError: then none of them moved."""
+        slots = {i for i, s in enumerate(self._slots) if s is not None and s in spools}
+        page = []
+        for path in paths:
+            index = self._find(path)
+            if index < 0:
+                continue
+            ref = self._refs[index]
+            if ref != HELD and ref >> SLOT_SHIFT not in slots:
+                continue
+            try:
+                page.append((path, as_bytes(self._value(index))))
+            except SpoolError:
+                self.unreadable.add(path)
+        run = spool.add([value for _path, value in page])
+        for i, (path, _value) in enumerate(page):
             index = self._find(path)
             self._release(index)
-            self._refs[index] = self._ref(path, Spooled(spool, at))
+            self._refs[index] = self._ref(path, Spooled(spool, run.first + i))
 
     def spool_use(self) -> dict[Spool, int]:
         """The spools the values are in, with the bytes of the values current in each."""

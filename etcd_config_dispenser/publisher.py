@@ -223,9 +223,8 @@ class Publisher:
         self.check = check  # runs once a new snapshot is live; non-zero: put the old one back
         self.clock = clock
         rules = rules or Rules()
-        self.keys = KeyIntake(
-            prefix, max_key_path(writer.target), rules.selection, writer.target_fd
-        )
+        selection, spool_at = rules.selection, writer.target_fd  # values spool in the target
+        self.keys = KeyIntake(prefix, max_key_path(writer.target), selection, spool_at)
         self.required = RequiredKeys(rules.required, stats)  # no snapshot without them
         self.listeners = rules.listeners  # told of each change made live: --on-change, status
         self.gate = CertificateGate(stats) if rules.verify_certs else None
@@ -329,7 +328,8 @@ class Publisher:
             due = housekeeping_at is not None and self.clock() >= housekeeping_at
             if due and self.inbox.empty():
                 housekeeping_at = self.writer.maintain(HOUSEKEEPING_STEP)
-                self.keys.spill()
+                if self.keys.spill():  # more to move: another step next time round
+                    housekeeping_at = self.clock()
 
     def _publish(self, revision: int, changed: set[str]) -> None:
         """Make the tree live; --check it; signal the child. Raises SnapshotError."""

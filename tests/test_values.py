@@ -10,6 +10,7 @@ import gc
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,13 +22,13 @@ from hypothesis import strategies as st
 from etcd_config_dispenser.config import load
 from etcd_config_dispenser.events import Batch, Change, Ended, Event, FullRead, KeyValues
 from etcd_config_dispenser.health import Stats
-from etcd_config_dispenser.intake import MAX_SPOOLS, SPILL_BYTES, KeyIntake
+from etcd_config_dispenser.intake import MAX_SPOOLS, MOVE_PAGE, SPILL_BYTES, KeyIntake
 from etcd_config_dispenser.keys import KeyTree
 from etcd_config_dispenser.publisher import Publisher, Rules
 from etcd_config_dispenser.rules import KeySelection
 from etcd_config_dispenser.session import EtcdSession
 from etcd_config_dispenser.snapshot import SnapshotWriter
-from etcd_config_dispenser.source import EtcdSource
+from etcd_config_dispenser.source import READ_PAGE, READ_PAGE_MOST, EtcdSource, next_page
 from etcd_config_dispenser.values import (
     Spool,
     Spooled,
@@ -63,6 +64,14 @@ def spool_fds(pid: int | str, directory: Path) -> list[str]:
         if link.startswith(f"{directory}/#") and link.endswith("(deleted)"):
             found.append(link)
     return found
+
+
+def spill_all(intake: KeyIntake) -> int:
+    """A spill run to its end, as the publisher's housekeeping steps run it; the steps."""
+    steps = 1
+    while intake.spill():
+        steps += 1
+    return steps
 
 
 def test_values_read_back_as_written_and_nobody_sees_the_spool(tmp_path: Path) -> None:
@@ -185,8 +194,9 @@ def test_a_view_reads_spooled_values_only_when_asked(tmp_path: Path) -> None:
 def test_a_full_read_from_etcd_is_spooled(
     etcd_server: object, etcd: object, prefix: str, tmp_path: Path
 ) -> None:
-    """Pages of a real full read (250 keys: 3 pages) go to one spool, whole."""
-    items = {f"{prefix}k{i:03d}": os.urandom(100) + b"%d" % i for i in range(250)}
+    """Pages of a real full read go to one spool, whole: 2,500 keys of 2 KiB, read in
+    pages of 100, then of as many as make READ_PAGE_BYTES."""
+    items = {f"{prefix}k{i:04d}": os.urandom(2048) + b"%d" % i for i in range(2500)}
     for key, value in items.items():
         etcd.put(key, value)  # type: ignore[attr-defined]
     endpoint = etcd_server.endpoint  # type: ignore[attr-defined]
@@ -199,6 +209,10 @@ def test_a_full_read_from_etcd_is_spooled(
     finally:
         session.stop()
     assert isinstance(event, FullRead)
+    pages = [len(page) for page in event.kvs._pages]
+    size = sum(len(v) for v in list(items.values())[:READ_PAGE])
+    assert pages[0] == READ_PAGE and set(pages[1:-1]) == {next_page(READ_PAGE, size)}
+    assert 1 < len(pages) < 2500 / READ_PAGE and sum(pages) == 2500
     assert all(isinstance(value, Spooled) for _key, value in event.kvs)
     assert len({id(value.spool) for _key, value in event.kvs}) == 1  # type: ignore[union-attr]
     assert {k.decode(): v.read() for k, v in event.kvs} == items  # type: ignore[union-attr]
@@ -265,10 +279,10 @@ def test_values_from_watch_responses_spill_once_they_add_up(tmp_path: Path) -> N
     intake = KeyIntake(b"/p/", 4096, spool_at=opened(tmp_path))
     big = SPILL_BYTES // 4
     intake.absorb(Batch(2, [Change(b"/p/a", b"a" * big), Change(b"/p/b", b"b" * big)]))
-    intake.spill()
+    spill_all(intake)
     assert all(isinstance(v, bytes) for v in intake.tree.values.values())  # not yet
     intake.absorb(Batch(3, [Change(b"/p/c", b"c" * big), Change(b"/p/d", b"d" * big)]))
-    intake.spill()
+    spill_all(intake)
     assert intake.tree.held == 0
     assert all(isinstance(v, Spooled) for v in intake.tree.values.values())
     assert intake.tree.files["c"] == b"c" * big
@@ -306,7 +320,7 @@ def test_spools_pinned_by_keys_that_never_change_are_made_one(tmp_path: Path) ->
         changes = [Change(b"/p/warm%d" % i, os.urandom(100)) for i in range(10)]
         changes.append(Change(b"/p/cold%d" % round_, b"c%d" % round_))
         intake.absorb(Batch(round_ + 2, changes))
-        intake.spill()
+        spill_all(intake)
         use = intake.tree.spool_use()
         assert len(use) <= MAX_SPOOLS
         assert sum(s.size for s in use) <= 2 * sum(use.values()) + 2 * intake.spill_bytes
@@ -324,7 +338,7 @@ def test_spools_of_values_still_current_are_made_one_past_max_spools(tmp_path: P
     for round_ in range(3 * MAX_SPOOLS):
         changes = [Change(b"/p/k%d-%d" % (round_, i), b"v" * 100) for i in range(10)]
         intake.absorb(Batch(round_ + 2, changes))
-        intake.spill()
+        spill_all(intake)
         assert len(intake.tree.spool_use()) <= MAX_SPOOLS
     assert len(intake.tree.files) == 30 * MAX_SPOOLS
 
@@ -401,7 +415,7 @@ def test_values_of_keys_the_rules_leave_out_are_not_kept(tmp_path: Path) -> None
     values = spool.add([v for _, v in kvs])
     intake.absorb(FullRead(2, list(zip([k for k, _ in kvs], values, strict=True))))
     del spool, kvs, values
-    intake.spill()  # between changes, after the first snapshot
+    spill_all(intake)  # between changes, after the first snapshot
     gc.collect()
     use = intake.tree.spool_use()
     assert sum(use.values()) == 1 and sum(s.size for s in use) <= 2
@@ -459,7 +473,7 @@ def test_a_spool_pinned_by_the_last_of_many_deleted_keys_is_drained(tmp_path: Pa
     intake.absorb(FullRead(2, [(b"/p/k%d" % i, v) for i, v in enumerate(values)]))
     del spool, values
     intake.absorb(Batch(3, [Change(b"/p/k%d" % i, None) for i in range(1, 100)]))
-    intake.spill()
+    spill_all(intake)
     use = intake.tree.spool_use()
     assert sum(s.size for s in use) <= 2 * sum(use.values())
     gc.collect()
@@ -564,3 +578,87 @@ def test_a_full_read_keeps_its_pairs_in_order_page_by_page(tmp_path: Path) -> No
     with pytest.raises(ValueError):
         kvs.add([b"/p/d"], [])
     assert len(kvs) == 3
+
+
+def test_a_drain_is_made_a_step_at_a_time_while_keys_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full read's spool left mostly stale by deletes is drained a page at a time
+    (one write of at most MOVE_PAGE values a step, a change never waits for all of
+    it), while keys change and go between the steps: the files are always etcd's,
+    and the drained spool goes at the end."""
+    intake = KeyIntake(b"/p/", 4096, spool_at=opened(tmp_path))
+    spool = Spool(opened(tmp_path))
+    model = {f"k{i:04d}": b"%d" % i * 50 for i in range(1000)}
+    values = spool.add(list(model.values()))
+    intake.absorb(
+        FullRead(2, [(b"/p/" + k.encode(), v) for k, v in zip(model, values, strict=True)])
+    )
+    del spool, values
+    deleted = [k for i, k in enumerate(sorted(model)) if i % 5 < 3]  # 600 of them
+    intake.absorb(Batch(3, [Change(b"/p/" + k.encode(), None) for k in deleted]))
+    for k in deleted:
+        del model[k]
+    writes: list[int] = []
+    real_add = Spool.add
+
+    def add(self: Spool, values: list[bytes]) -> object:
+        writes.append(len(values))
+        return real_add(self, values)
+
+    monkeypatch.setattr(Spool, "add", add)
+    steps, left = 0, sorted(model)
+    while intake.spill():
+        steps += 1
+        if left:  # a change between two steps: one key replaced, one deleted
+            changed, gone = left.pop(), left.pop(0)
+            model[changed] = b"new " + changed.encode()
+            del model[gone]
+            batch = [Change(b"/p/" + changed.encode(), model[changed])]
+            intake.absorb(Batch(4 + steps, [*batch, Change(b"/p/" + gone.encode(), None)]))
+        assert dict(intake.tree.files) == model
+    assert max(writes) <= MOVE_PAGE  # a page a step, not one go
+    assert sum(writes) >= 300  # the 400 values still current, but those changed meanwhile
+    gc.collect()
+    assert len(spool_fds("self", tmp_path)) <= 1  # the full read's spool is gone
+    assert dict(intake.tree.files) == model
+
+
+def test_the_publisher_steps_a_drain_through_even_with_nothing_else_to_do(
+    tmp_path: Path,
+) -> None:
+    """Housekeeping stays due while a drain is unfinished: steps of a drain are not left
+    to wait for the next change or the next spare."""
+    writer = SnapshotWriter(tmp_path / "config")
+    writer.recover()
+    inbox: queue.Queue[Event] = queue.Queue()
+    publisher = Publisher(writer, inbox, b"/p/", lambda: None, Stats())
+    thread = publisher.start()
+    try:
+        spool = Spool(opened(tmp_path))
+        big = [b"/p/big%02d" % i for i in range(40)]  # most of the bytes, in few keys
+        keys = [b"/p/k%04d" % i for i in range(3000)]
+        values = spool.add([b"b" * 10_000] * len(big) + [b"v" * 100] * len(keys))
+        inbox.put(FullRead(2, list(zip(big + keys, values, strict=True))))
+        del spool, values
+        busy_wait(lambda: (tmp_path / "config" / "k2999").exists())
+        time.sleep(1.5)  # the spares are made; nothing is due for a while
+        (full_read,) = publisher.keys.tree.spool_use()
+        # 40 deletes (little for the spares to catch up on) leave the spool more than
+        # half stale: 3,000 values to move, about 90 steps.
+        inbox.put(Batch(3, [Change(k, None) for k in big]))
+        busy_wait(lambda: not (tmp_path / "config" / "big00").exists())
+        busy_wait(lambda: full_read not in publisher.keys.tree.spool_use(), timeout=3)
+    finally:
+        inbox.put(Ended())
+        thread.join(10)
+
+
+def test_a_full_read_asks_for_pages_of_about_a_mebibyte() -> None:
+    """etcd 3.4 looks at every key left in the range for each page: few big pages when the
+    values are small, pages of READ_PAGE when they are big (a page is in memory twice)."""
+    assert next_page(100, 100 * 1024) == 256  # 1 KiB values: 256 KiB pages
+    assert next_page(100, 100 * 100) == READ_PAGE_MOST  # 100-byte values
+    assert next_page(100, 100 * 100_000) == READ_PAGE  # 100 KB values: never fewer
+    assert next_page(100, 0) == READ_PAGE_MOST  # empty values
+    assert next_page(0, 0) == READ_PAGE  # nothing seen: as the first page
