@@ -8,7 +8,7 @@ read, then the first snapshot, makes and frees many of them (10,000 keys
 make tables of 0.5 MiB): past the first, they pile up in the heap and stay
 there, with the small objects made between them. Fixing the threshold keeps
 them mapped: measured with 1 KiB values, the peak of the process fell from
-50.2 to 47.3 MiB at 10,000 keys and from 62.5 to 56.6 MiB at 50,000
+49.0 to 47.3 MiB at 10,000 keys and from 61.0 to 56.6 MiB at 50,000
 (64 KiB; 48.4 and 57.5 MiB at glibc's own 128 KiB, fixed). It costs a
 mapping and an unmapping per such block, a few microseconds, and blocks
 that big are made per full read or snapshot, not per change.
