@@ -150,7 +150,9 @@ class KeyIntake:
         A step at a time, like a spare: MOVE_PAGE values moved, or SCAN_KEYS keys
         looked at for values in the drained spools, a call (about 0.2 ms), so that
         a change never waits for a whole drain (60 ms at 10,000 keys of 1 KiB).
-        Returns whether more is left to do: the caller calls again soon.
+        A spill moves the values held when it began; those that come meanwhile
+        wait for the next one. Returns whether more is left to do: the caller
+        calls again soon.
         """
         job = self._spilling
         if job is None:

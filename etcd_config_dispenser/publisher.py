@@ -137,6 +137,13 @@ class Expiry:
         self.clock = clock
         self.warned: dict[str, float] = {}  # path -> when it was last warned about
 
+    def warn_due(self, due: float, now: float) -> float:
+        """``warn`` once ``now`` (the caller's clock) reaches ``due``; when it is due next."""
+        if now < due:
+            return due
+        self.warn()
+        return now + HOUR
+
     def update(self, files: Mapping[str, bytes], changed: Collection[str]) -> None:
         not_after = dict(self.stats.not_after)  # replaced whole: other threads iterate it
         for path in changed:
@@ -321,15 +328,13 @@ class Publisher:
                 self.reread()
             if ended:
                 return
-            if self.clock() >= expiry_at:
-                self.expiry.warn()
-                expiry_at = self.clock() + HOUR
+            expiry_at = self.expiry.warn_due(expiry_at, self.clock())
             # Housekeeping when due, and only when no change is waiting: changes first.
             due = housekeeping_at is not None and self.clock() >= housekeeping_at
             if due and self.inbox.empty():
                 housekeeping_at = self.writer.maintain(HOUSEKEEPING_STEP)
-                if self.keys.spill():  # more to move: another step next time round
-                    housekeeping_at = self.clock()
+                if self.keys.spill() or self.keys.tree.unreadable:  # more to move, or a
+                    housekeeping_at = self.clock()  # value lost: round again at once
 
     def _publish(self, revision: int, changed: set[str]) -> None:
         """Make the tree live; --check it; signal the child. Raises SnapshotError."""
@@ -356,9 +361,10 @@ class Publisher:
                 return
         self.stats.served(revision, result.name, len(self.keys.tree.files) - len(result.failed))
         _log_published(revision, result, len(self.keys.tree.files), first, self.prefix)
+        if first:  # the child may start; the rest is bookkeeping (the expiries read
+            self.first_sync.set()  # every value again: 50 ms at 10,000 keys)
         self.expiry.update(self.keys.tree.files, [*result.written, *result.removed])
         if first:
-            self.first_sync.set()
             if self.stats.stale_since is not None:  # the child runs on a previous run's files
                 self.stats.stale_since = None
                 self._signal(revision)

@@ -662,3 +662,33 @@ def test_a_full_read_asks_for_pages_of_about_a_mebibyte() -> None:
     assert next_page(100, 100 * 100_000) == READ_PAGE  # 100 KB values: never fewer
     assert next_page(100, 0) == READ_PAGE_MOST  # empty values
     assert next_page(0, 0) == READ_PAGE  # nothing seen: as the first page
+
+
+def test_a_value_lost_in_the_last_step_of_a_drain_is_read_again_at_once(
+    tmp_path: Path,
+) -> None:
+    """The drain's last step finds a value it cannot read back: etcd is asked for
+    everything at once, not at the next change (there may be none for hours), nor at
+    the writer's next housekeeping (30 s away here: its grace)."""
+    writer = SnapshotWriter(tmp_path / "config", grace=30)
+    writer.recover()
+    inbox: queue.Queue[Event] = queue.Queue()
+    rereads = threading.Event()
+    rules = Rules(reread=rereads.set)
+    publisher = Publisher(writer, inbox, b"/p/", lambda: None, Stats(), rules=rules)
+    thread = publisher.start()
+    try:
+        spool = Spool(opened(tmp_path))
+        big = [b"/p/big%02d" % i for i in range(40)]
+        keys = [b"/p/k%04d" % i for i in range(300)]
+        values = spool.add([b"b" * 10_000] * len(big) + [b"v" * 100] * len(keys))
+        inbox.put(FullRead(2, list(zip(big + keys, values, strict=True))))
+        busy_wait(lambda: (tmp_path / "config" / "k0299").exists())
+        time.sleep(1.0)  # the spares are made; nothing is due for a while
+        corrupted(spool, values[len(big)])  # k0000: in the last page a drain moves
+        del spool, values
+        inbox.put(Batch(3, [Change(k, None) for k in big]))  # the spool: mostly stale
+        assert rereads.wait(3)
+    finally:
+        inbox.put(Ended())
+        thread.join(10)
