@@ -233,7 +233,8 @@ class SnapshotWriter:
         if present is None:  # live again all the same; the links follow next time
             pass
         elif paths is None:  # a previous run's snapshot: every other path is gone
-            self._links.reset(self._fd, {p for p, there in present.items() if there}, name)
+            live_paths = {p for p, there in present.items() if there}
+            self._links.reset(self._fd, live_paths, f"back to {name}")
         else:
             self._links.update(self._fd, present, f"back to {name}")
         return name
