@@ -9,6 +9,7 @@ import errno
 import gc
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -692,3 +693,34 @@ def test_a_value_lost_in_the_last_step_of_a_drain_is_read_again_at_once(
     finally:
         inbox.put(Ended())
         thread.join(10)
+
+
+def test_the_dispenser_reads_everything_again_when_a_value_is_lost(
+    etcd: object, prefix: str, target: Path, dispenser: Callable[..., DispenserProcess]
+) -> None:
+    """The real process and its wiring: a value overwritten in its spool (a failing disk,
+    or someone with the descriptor) is found when the spool is drained; etcd is asked
+    for everything again at once, and the file stays etcd's value."""
+    etcd.put(prefix + "a", b"A" * 100)  # type: ignore[attr-defined]
+    big = [f"{prefix}big{i:02d}" for i in range(40)]
+    for key in big:
+        etcd.put(key, b"b" * 10_000)  # type: ignore[attr-defined]
+    proc = dispenser(*CATCHES_HUP)
+    busy_wait(lambda: (target / "big39").exists())
+    pid = proc.proc.pid
+    (fd,) = [
+        n
+        for n in os.listdir(f"/proc/{pid}/fd")
+        if spool_fds(pid, target) == [os.readlink(f"/proc/{pid}/fd/{n}")]
+    ]
+    spool = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY)
+    try:
+        os.pwrite(spool, b"X" * 100, 0)  # "a" comes first in etcd's order: its value
+    finally:
+        os.close(spool)
+    deletes = [etcd.transactions.delete(key) for key in big]  # type: ignore[attr-defined]
+    etcd.transaction(compare=[], success=deletes, failure=[])  # type: ignore[attr-defined]
+    busy_wait(lambda: re.search(r"r\d+: reading everything again", proc.log()))
+    assert (target / "a").read_bytes() == b"A" * 100
+    etcd.put(prefix + "a", b"after")  # type: ignore[attr-defined]
+    busy_wait(lambda: (target / "a").read_bytes() == b"after")
