@@ -3,7 +3,7 @@
 Pure functions and data: everything that decides whether a key may touch
 the disk lives here, so that it can be tested as a table. The one I/O is
 the values' (``values``): the key tree reads a spooled value when asked for
-it, and ``KeyTree.spill`` moves values to a spool.
+it, and ``KeyTree.move`` moves values to a spool.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ MAX_PATH = 4096  # bytes in a whole path (PATH_MAX)
 # snapshot (ours, and the standard library's) cheap and far from any limit.
 MAX_DEPTH = 64
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: one search, not a loop a char
-SPILL_PAGE = 256  # values read back and spooled at a time when every one moves
 # Where a key's value is (KeyTree._refs): HELD in memory, or a spool's slot and
 # the value's index in that spool, in one 64-bit integer.
 HELD = -1
@@ -199,17 +198,6 @@ class KeyTree:
         use[1] -= spool.span(ref & INDEX_MASK)[1]
         if not use[0]:
             self._slots[slot] = None
-
-    def spill(self, spool: Spool, drain: Collection[Spool] = ()) -> None:
-        """Move the values held in memory, and those in the spools ``drain``, to ``spool``,
-        all at once (``KeyIntake.spill`` moves them a page at a time instead)."""
-        paths: list[str] = list(self._held)
-        after: str | None = ""
-        while after is not None:
-            more, after = self.in_spools(drain, after, len(self._paths) + 1)
-            paths += more
-        for start in range(0, len(paths), SPILL_PAGE):
-            self.move(spool, paths[start : start + SPILL_PAGE], drain)
 
     def held_paths(self) -> list[str]:
         """The keys whose value is held in memory."""
