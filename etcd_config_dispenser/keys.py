@@ -226,7 +226,7 @@ class KeyTree:
         listed is left as it is now); one that cannot be read back stays where it is,
         noted ``unreadable``. Raises OSError: then none of them moved."""
         slots = {i for i, s in enumerate(self._slots) if s is not None and s in spools}
-        page = []
+        page = []  # (index in _paths, path, value): no key comes or goes until the end
         for path in paths:
             index = self._find(path)
             if index < 0:
@@ -235,12 +235,11 @@ class KeyTree:
             if ref != HELD and ref >> SLOT_SHIFT not in slots:
                 continue
             try:
-                page.append((path, as_bytes(self._value(index))))
+                page.append((index, path, as_bytes(self._value(index))))
             except SpoolError:
                 self.unreadable.add(path)
-        run = spool.add([value for _path, value in page])
-        for i, (path, _value) in enumerate(page):
-            index = self._find(path)
+        run = spool.add([value for _index, _path, value in page])
+        for i, (index, path, _value) in enumerate(page):
             self._release(index)
             self._refs[index] = self._ref(path, Spooled(spool, run.first + i))
 
