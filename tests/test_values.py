@@ -706,6 +706,15 @@ def test_a_value_lost_in_the_last_step_of_a_drain_is_read_again_at_once(
         thread.join(10)
 
 
+def readlink(pid: int, fd: str) -> str | None:
+    """Where the process's descriptor ``fd`` points; None once it is closed (the process
+    opens and closes descriptors of its own meanwhile: sockets, directories)."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
 def test_the_dispenser_reads_everything_again_when_a_value_is_lost(
     etcd: object, prefix: str, target: Path, dispenser: Callable[..., DispenserProcess]
 ) -> None:
@@ -719,11 +728,8 @@ def test_the_dispenser_reads_everything_again_when_a_value_is_lost(
     proc = dispenser(*CATCHES_HUP)
     busy_wait(lambda: (target / "big39").exists())
     pid = proc.proc.pid
-    (fd,) = [
-        n
-        for n in os.listdir(f"/proc/{pid}/fd")
-        if spool_fds(pid, target) == [os.readlink(f"/proc/{pid}/fd/{n}")]
-    ]
+    (held,) = spool_fds(pid, target)  # the full read's spool, as /proc shows it
+    (fd,) = [n for n in os.listdir(f"/proc/{pid}/fd") if readlink(pid, n) == held]
     spool = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY)
     try:
         os.pwrite(spool, b"X" * 100, 0)  # "a" comes first in etcd's order: its value
